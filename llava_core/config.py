@@ -1,0 +1,370 @@
+"""The one configuration: `params.yaml` + a model preset, typed and validated once, at load.
+
+An unknown key, preset, prompt style or phase is an error that names the valid ones. Every stage takes the
+resolved `PipelineConfig`; `to_dict()` is what gets written next to the artifacts a stage produces.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from llava_core.prompts import check_style
+
+RESOURCES = Path(__file__).resolve().parent / "resources"
+PHASES = ("phase1", "phase2")
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the valid choices."""
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and recursing into nested dataclasses."""
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and value is not None:
+            value = _from_dict(hint, value, f"{where}.{key}")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # missing required keys
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class Workspace:
+    """Where each stage writes, relative to `root` (itself relative to the params file's folder)."""
+
+    root: str = "."
+    raw: str = "data/raw"
+    jsonl: str = "data/jsonl"
+    hdf5: str = "data/hdf5"
+    checkpoints: str = "checkpoints"
+    models: str = "models"
+    reports: str = "reports"
+
+    def path(self, name: str) -> Path:
+        return Path(self.root) / getattr(self, name)
+
+
+@dataclass
+class SourceConfig:
+    kind: str
+    generator: str | None = None
+    location: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def validate(self, name: str) -> None:
+        from llava_core.sources import SOURCE_KINDS
+
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(f"sources.{name}.kind: unknown kind {self.kind!r}; valid: {sorted(SOURCE_KINDS)}")
+
+
+@dataclass
+class DatasetConfig:
+    """One conversion: a file of a downloaded source, a converter, and the phase its records train."""
+
+    source: str
+    file: str
+    converter: str
+    phase: str
+    image_prefix: str | None = None  # prepended to image paths; default "<source>/"
+
+
+@dataclass
+class Hdf5PhaseConfig:
+    prompt_style: str
+    max_sequence_length: int
+    shard_size: int = 2000
+    min_image_size: int = 8
+
+
+@dataclass
+class TrainPhaseConfig:
+    epochs: float
+    global_batch_size: int
+    micro_batch_size: int
+    learning_rate: float
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    freeze: list[str] = field(default_factory=list)
+    mixed_precision: str = "no"
+    accelerate_config: str = "configs/accelerate/cpu.yaml"
+    log_every: int = 10
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A vision tower, a language model and a projector; each tower from a pretrained folder or a config."""
+
+    vision_pretrained: str | None = None
+    vision_config: dict | None = None
+    text_pretrained: str | None = None
+    text_config: dict | None = None
+    tokenizer: str = ""
+    projector: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    image_size: int = 336
+    init_seed: int = 0
+
+
+@dataclass
+class Preset:
+    model: ModelConfig
+    hdf5: dict[str, Hdf5PhaseConfig]
+    train: dict[str, TrainPhaseConfig]
+
+
+@dataclass
+class EvalConfig:
+    questions: str  # relative to the raw folder
+    image_folder: str  # relative to the raw folder
+    batch_size: int = 32
+    max_new_tokens: int = 16
+    prompt_style: str = "vicuna_v1"
+    prompt_suffix: str = "Answer the question using a single word or phrase."
+    metrics: dict[str, str] = field(default_factory=dict)  # category -> metric name
+    default_metric: str = "exact_match"
+
+
+def _preset_tiny() -> dict:
+    return {
+        "model": {
+            "vision_config": {
+                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "image_size": 32, "patch_size": 8, "hidden_act": "quick_gelu", "projection_dim": 64,
+            },
+            "text_config": {
+                "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 4, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+            },
+            "tokenizer": str(RESOURCES / "tiny_tokenizer"),
+            "image_size": 32,
+        },
+        "hdf5": {
+            "phase1": {"prompt_style": "plain", "max_sequence_length": 64},
+            "phase2": {"prompt_style": "vicuna_v1", "max_sequence_length": 224},
+        },
+        "train": {
+            "phase1": {"epochs": 1, "global_batch_size": 32, "micro_batch_size": 32, "learning_rate": 1e-3,
+                       "freeze": ["^image_model", "^text_model"]},
+            "phase2": {"epochs": 2, "global_batch_size": 32, "micro_batch_size": 32, "learning_rate": 1e-3,
+                       "freeze": ["^image_model"]},
+        },
+    }
+
+
+def _preset_llava15(size: str) -> dict:
+    """LLaVA-1.5 recipe numbers (REFERENCE.md section 2): CLIP ViT-L/14-336 + Vicuna-v1.5."""
+    gpu = "configs/accelerate/multi_gpu.yaml"
+    return {
+        "model": {
+            "vision_pretrained": "openai/clip-vit-large-patch14-336",
+            "text_pretrained": f"lmsys/vicuna-{size}-v1.5",
+            "tokenizer": f"lmsys/vicuna-{size}-v1.5",
+            "image_size": 336,
+        },
+        "hdf5": {
+            "phase1": {"prompt_style": "plain", "max_sequence_length": 2048},
+            "phase2": {"prompt_style": "vicuna_v1", "max_sequence_length": 2048},
+        },
+        "train": {
+            "phase1": {"epochs": 1, "global_batch_size": 256, "micro_batch_size": 32, "learning_rate": 1e-3,
+                       "freeze": ["^image_model", "^text_model"], "mixed_precision": "bf16",
+                       "accelerate_config": gpu},
+            "phase2": {"epochs": 1, "global_batch_size": 128, "micro_batch_size": 16, "learning_rate": 2e-5,
+                       "freeze": ["^image_model"], "mixed_precision": "bf16", "accelerate_config": gpu},
+        },
+    }
+
+
+PRESETS = {"tiny": _preset_tiny, "llava-v1.5-7b": lambda: _preset_llava15("7b"),
+           "llava-v1.5-13b": lambda: _preset_llava15("13b")}
+
+
+@dataclass
+class PipelineConfig:
+    preset: str
+    model: ModelConfig
+    workspace: Workspace
+    sources: dict[str, SourceConfig]
+    datasets: dict[str, DatasetConfig]
+    hdf5: dict[str, Hdf5PhaseConfig]
+    train: dict[str, TrainPhaseConfig]
+    eval: EvalConfig
+    seed: int = 0
+    base_dir: Path = Path(".")
+
+    # --- paths -------------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        p = self.workspace.path(name)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def raw_dir(self, source: str) -> Path:
+        return self.path("raw") / source
+
+    def jsonl_path(self, dataset: str) -> Path:
+        return self.path("jsonl") / f"{dataset}.jsonl"
+
+    def hdf5_dir(self, phase: str) -> Path:
+        return self.path("hdf5") / phase
+
+    def checkpoint_dir(self, phase: str) -> Path:
+        return self.path("checkpoints") / phase
+
+    @property
+    def image_root(self) -> Path:
+        return self.path("raw")
+
+    def datasets_for(self, phase: str) -> list[str]:
+        return [n for n, d in self.datasets.items() if d.phase == phase]
+
+    def resolve_file(self, p: str) -> str:
+        """A relative path in the config (accelerate config, tokenizer folder) resolves against base_dir."""
+        path = Path(p)
+        if path.is_absolute() or not (self.base_dir / path).exists():
+            return p
+        return str(self.base_dir / path)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["base_dir"] = str(self.base_dir)
+        return d
+
+    def stage_view(self, *keys: str) -> dict:
+        """The part of the resolved config one stage depends on (written next to its artifacts)."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("preset", "seed", *keys)}
+
+    # --- validation ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        for group in ("sources", "datasets"):
+            for name in getattr(self, group):
+                if not NAME_RE.fullmatch(name):
+                    raise ConfigError(f"{group}.{name}: names are Dagster asset keys and DVC stage names; "
+                                      f"use letters, digits and underscores")
+        for name, src in self.sources.items():
+            src.validate(name)
+        from llava_core.convert import CONVERTERS
+
+        for name, ds in self.datasets.items():
+            if ds.source not in self.sources:
+                raise ConfigError(f"datasets.{name}.source: unknown source {ds.source!r}; valid: {sorted(self.sources)}")
+            if ds.converter not in CONVERTERS:
+                raise ConfigError(
+                    f"datasets.{name}.converter: unknown converter {ds.converter!r}; valid: {sorted(CONVERTERS)}"
+                )
+            if ds.phase not in PHASES:
+                raise ConfigError(f"datasets.{name}.phase: {ds.phase!r}; valid: {list(PHASES)}")
+        for group in ("hdf5", "train"):
+            got = set(getattr(self, group))
+            if got != set(PHASES):
+                raise ConfigError(f"{group}: needs exactly the phases {list(PHASES)}, got {sorted(got)}")
+        for phase, h in self.hdf5.items():
+            try:
+                check_style(h.prompt_style)
+            except ValueError as e:
+                raise ConfigError(f"hdf5.{phase}.prompt_style: {e}") from None
+            if h.max_sequence_length <= 0 or h.shard_size <= 0:
+                raise ConfigError(f"hdf5.{phase}: max_sequence_length and shard_size must be positive")
+        for phase, t in self.train.items():
+            if t.global_batch_size % t.micro_batch_size:
+                raise ConfigError(
+                    f"train.{phase}: global_batch_size {t.global_batch_size} is not a multiple of "
+                    f"micro_batch_size {t.micro_batch_size}"
+                )
+            if t.mixed_precision not in ("no", "bf16", "fp16"):
+                raise ConfigError(f"train.{phase}.mixed_precision: {t.mixed_precision!r}; valid: no, bf16, fp16")
+        from llava_core.metrics import METRICS
+
+        for cat, metric in {**self.eval.metrics, "<default>": self.eval.default_metric}.items():
+            if metric not in METRICS:
+                raise ConfigError(f"eval.metrics.{cat}: unknown metric {metric!r}; valid: {sorted(METRICS)}")
+        check_style(self.eval.prompt_style)
+        m = self.model
+        if (m.vision_pretrained is None) == (m.vision_config is None):
+            raise ConfigError("model: set exactly one of vision_pretrained and vision_config")
+        if (m.text_pretrained is None) == (m.text_config is None):
+            raise ConfigError("model: set exactly one of text_pretrained and text_config")
+
+
+TOP_KEYS = ("preset", "seed", "workspace", "model", "sources", "datasets", "hdf5", "train", "eval")
+
+
+def load_config(params_path: str | Path, overrides: dict | None = None) -> PipelineConfig:
+    """Read params.yaml, merge it over its preset and validate everything once."""
+    params_path = Path(params_path).resolve()
+    if not params_path.exists():
+        raise ConfigError(f"params file not found: {params_path}")
+    raw = yaml.safe_load(params_path.read_text()) or {}
+    raw = _merge(raw, overrides or {})
+    return config_from_dict(raw, base_dir=params_path.parent)
+
+
+def config_from_dict(raw: dict, base_dir: Path) -> PipelineConfig:
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"params: unknown key(s) {unknown}; valid: {list(TOP_KEYS)}")
+    preset_name = raw.get("preset", "tiny")
+    if preset_name not in PRESETS:
+        raise ConfigError(f"unknown preset {preset_name!r}; valid: {sorted(PRESETS)}")
+    preset = PRESETS[preset_name]()
+    merged = {
+        "model": _merge(preset["model"], raw.get("model", {})),
+        "hdf5": _merge(preset["hdf5"], raw.get("hdf5", {})),
+        "train": _merge(preset["train"], raw.get("train", {})),
+    }
+    if "eval" not in raw:
+        raise ConfigError("params: missing the 'eval' section")
+    cfg = PipelineConfig(
+        preset=preset_name,
+        seed=int(raw.get("seed", 0)),
+        model=_from_dict(ModelConfig, merged["model"], "model"),
+        workspace=_from_dict(Workspace, raw.get("workspace", {}), "workspace"),
+        sources={k: _from_dict(SourceConfig, v, f"sources.{k}") for k, v in (raw.get("sources") or {}).items()},
+        datasets={k: _from_dict(DatasetConfig, v, f"datasets.{k}") for k, v in (raw.get("datasets") or {}).items()},
+        hdf5={k: _from_dict(Hdf5PhaseConfig, v, f"hdf5.{k}") for k, v in merged["hdf5"].items()},
+        train={k: _from_dict(TrainPhaseConfig, v, f"train.{k}") for k, v in merged["train"].items()},
+        eval=_from_dict(EvalConfig, raw["eval"], "eval"),
+        base_dir=base_dir,
+    )
+    cfg.validate()
+    return cfg
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary name and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)

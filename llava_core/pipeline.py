@@ -1,0 +1,77 @@
+"""The stages in order, each returning a JSON-ready summary: shared by the CLI and `dvc.yaml`.
+
+Dagster assets call the same stage functions (`sources.download`, `convert.convert`, `hdf5.build_hdf5`,
+`train.train`, `checkpoint.export_hf`, `evaluate.evaluate`) directly; this module adds only the plain
+summaries and `run_all`, the order of the whole chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from llava_core.config import PHASES, PipelineConfig
+
+# Stage modules are imported inside the runners: `dvc repro` starts one process per stage, and the data
+# stages should not pay for importing torch and transformers (about 10 s on 2 cores).
+
+
+def _plain(result: Any) -> dict:
+    return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in dataclasses.asdict(result).items()}
+
+
+def run_download(cfg: PipelineConfig, source: str) -> dict:
+    from llava_core.sources import download
+
+    return _plain(download(cfg, source))
+
+
+def run_convert(cfg: PipelineConfig, dataset: str) -> dict:
+    from llava_core.convert import convert
+
+    return _plain(convert(cfg, dataset))
+
+
+def run_hdf5(cfg: PipelineConfig, phase: str) -> dict:
+    from llava_core.hdf5 import build_hdf5
+
+    return _plain(build_hdf5(cfg, phase))
+
+
+def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> dict:
+    from llava_core.train import train
+
+    return _plain(train(cfg, phase, num_processes=num_processes))
+
+
+def run_export(cfg: PipelineConfig) -> dict:
+    from llava_core.checkpoint import export_hf
+
+    return _plain(export_hf(cfg))
+
+
+def run_evaluate(cfg: PipelineConfig) -> dict:
+    from llava_core.evaluate import evaluate
+
+    return evaluate(cfg).report
+
+
+def run_all(cfg: PipelineConfig, log=print) -> dict:
+    """Every stage in dependency order; returns each stage's summary and its wall time."""
+    out: dict[str, Any] = {"seconds": {}}
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        log(f"==> {name}")
+        result = fn(cfg, *args)
+        out["seconds"][name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    out["download"] = {s: timed(f"download {s}", run_download, s) for s in cfg.sources}
+    out["convert"] = {d: timed(f"convert {d}", run_convert, d) for d in cfg.datasets}
+    out["hdf5"] = {p: timed(f"hdf5 {p}", run_hdf5, p) for p in PHASES}
+    out["train"] = {p: timed(f"train {p}", run_train, p) for p in PHASES}
+    out["export"] = timed("export", run_export)
+    out["eval"] = timed("evaluate", run_evaluate)
+    return out

@@ -1,0 +1,200 @@
+"""The embedded default source ("synthetic shapes"): seeded images of coloured shapes in LLaVA source formats.
+
+Writes, into one folder, exactly what a user would download for a real LLaVA run:
+- ``pretrain.json``: a LLaVA-Pretrain-style JSON array of caption records (phase 1),
+- ``instruct.json``: a LLaVA-Instruct-style JSON array of multi-turn conversations (phase 2),
+- ``eval_questions.jsonl``: a held-out ``model_vqa``-style question file with reference answers,
+- ``images/`` and ``eval_images/``: the PNG files the records point at (paths relative to the folder).
+
+Every question needs the image: the colour of a named shape, how many shapes, whether a shape is there
+(yes/no, balanced as in POPE) and where a shape is.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 205, 20),
+    "purple": (140, 40, 180),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short description of the picture.",
+    "What does this image show?",
+    "Summarize the visual content of the image.",
+)
+TEXT_ONLY_QA = (
+    ("How many sides does a triangle have?", "3"),
+    ("How many sides does a square have?", "4"),
+    ("Which shape has no corners?", "circle"),
+    ("What color do you get by mixing blue and yellow?", "green"),
+    ("Which shape has four equal sides?", "square"),
+)
+
+
+@dataclass(frozen=True)
+class ShapesOptions:
+    """How much synthetic data to make, and how."""
+
+    seed: int = 0
+    image_size: int = 64
+    num_pretrain: int = 3000
+    num_instruct: int = 3000
+    num_eval_images: int = 120
+    text_only_fraction: float = 0.03
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        for name in ("num_pretrain", "num_instruct", "num_eval_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.text_only_fraction < 1.0:
+            raise ValueError(f"text_only_fraction must be in [0, 1), got {self.text_only_fraction}")
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    shape: str
+    color: str
+    position: str
+
+
+def sample_scene(rng: random.Random) -> list[PlacedShape]:
+    """One to three shapes, each of a distinct kind, colour and grid cell."""
+    n = rng.randint(1, 3)
+    shapes = rng.sample(SHAPES, n)
+    colors = rng.sample(list(COLORS), n)
+    positions = rng.sample(POSITIONS, n)
+    return [PlacedShape(s, c, p) for s, c, p in zip(shapes, colors, positions, strict=True)]
+
+
+def render_scene(scene: list[PlacedShape], size: int, rng: random.Random) -> Image.Image:
+    """Draw the scene on a light, slightly tinted background; each shape fills most of its quadrant."""
+    bg = tuple(rng.randint(215, 250) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    half = size // 2
+    for item in scene:
+        row, col = item.position.split()
+        x0 = 0 if col == "left" else half
+        y0 = 0 if row == "top" else half
+        extent = rng.randint(int(half * 0.65), int(half * 0.85))
+        ox = x0 + rng.randint(1, half - extent - 1)
+        oy = y0 + rng.randint(1, half - extent - 1)
+        box = (ox, oy, ox + extent, oy + extent)
+        fill = COLORS[item.color]
+        if item.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif item.shape == "square":
+            draw.rectangle(box, fill=fill)
+        elif item.shape == "triangle":
+            draw.polygon([(ox + extent / 2, oy), (ox, oy + extent), (ox + extent, oy + extent)], fill=fill)
+        else:  # cross: two bars a third of the extent wide
+            t = extent / 3
+            draw.rectangle((ox + t, oy, ox + 2 * t, oy + extent), fill=fill)
+            draw.rectangle((ox, oy + t, ox + extent, oy + 2 * t), fill=fill)
+    return img
+
+
+def caption(scene: list[PlacedShape]) -> str:
+    parts = [f"a {s.color} {s.shape} at the {s.position}" for s in scene]
+    return (parts[0][0].upper() + parts[0][1:] + "".join(f", {p}" for p in parts[1:])) + "."
+
+
+def questions_for(scene: list[PlacedShape], rng: random.Random) -> list[tuple[str, str, str]]:
+    """All question kinds for a scene as (category, question, answer); `exists` gives one yes and one no."""
+    target = rng.choice(scene)
+    absent = rng.choice([s for s in SHAPES if s not in {p.shape for p in scene}])
+    present = rng.choice(scene).shape
+    located = rng.choice(scene)
+    return [
+        ("color", f"What color is the {target.shape}?", target.color),
+        ("count", "How many shapes are there in the image?", str(len(scene))),
+        ("exists", f"Is there a {present} in the image?", "yes"),
+        ("exists", f"Is there a {absent} in the image?", "no"),
+        ("position", f"Where is the {located.shape}?", located.position),
+    ]
+
+
+def _save(img: Image.Image, folder: Path, rel: str) -> None:
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+
+
+def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
+    """Write the whole source into ``folder`` (which must exist and be empty or absent). Returns counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(options.seed)
+
+    pretrain = []
+    for i in range(options.num_pretrain):
+        scene = sample_scene(rng)
+        rel = f"images/pt_{i:06d}.png"
+        _save(render_scene(scene, options.image_size, rng), folder, rel)
+        pretrain.append(
+            {
+                "id": f"pt_{i:06d}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": f"{rng.choice(CAPTION_PROMPTS)}\n<image>"},
+                    {"from": "gpt", "value": caption(scene)},
+                ],
+            }
+        )
+
+    instruct = []
+    for i in range(options.num_instruct):
+        if rng.random() < options.text_only_fraction:
+            q, a = rng.choice(TEXT_ONLY_QA)
+            instruct.append(
+                {"id": f"it_{i:06d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+            )
+            continue
+        scene = sample_scene(rng)
+        rel = f"images/it_{i:06d}.png"
+        _save(render_scene(scene, options.image_size, rng), folder, rel)
+        qas = questions_for(scene, rng)
+        rng.shuffle(qas)
+        turns = qas[: rng.randint(1, 3)]
+        conv = []
+        for k, (_, q, a) in enumerate(turns):
+            value = f"{q}\n{SHORT_ANSWER}"
+            conv.append({"from": "human", "value": f"<image>\n{value}" if k == 0 else value})
+            conv.append({"from": "gpt", "value": a})
+        if rng.random() < 0.2:  # some conversations also ask for a description
+            conv.append({"from": "human", "value": rng.choice(CAPTION_PROMPTS)})
+            conv.append({"from": "gpt", "value": caption(scene)})
+        instruct.append({"id": f"it_{i:06d}", "image": rel, "conversations": conv})
+
+    eval_lines = []
+    qid = 0
+    for i in range(options.num_eval_images):
+        scene = sample_scene(rng)
+        rel = f"eval_images/ev_{i:06d}.png"
+        _save(render_scene(scene, options.image_size, rng), folder, rel)
+        for category, q, a in questions_for(scene, rng):
+            eval_lines.append(
+                {"question_id": qid, "image": rel, "text": q, "answers": [a], "category": category}
+            )
+            qid += 1
+
+    (folder / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
+    (folder / "instruct.json").write_text(json.dumps(instruct, indent=1))
+    with open(folder / "eval_questions.jsonl", "w") as f:
+        for line in eval_lines:
+            f.write(json.dumps(line) + "\n")
+    return {"pretrain": len(pretrain), "instruct": len(instruct), "eval_questions": len(eval_lines)}
