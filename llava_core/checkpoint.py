@@ -121,13 +121,24 @@ def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
     size = model.image_model.config.image_size
     patch = model.image_model.config.patch_size
     image_processor = LlavaImageProcessorPil(
-        do_pad=True, do_resize=True, size={"shortest_edge": size}, do_center_crop=True,
-        crop_size={"height": size, "width": size}, do_normalize=True, image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD), do_convert_rgb=True, resample=3,
+        do_pad=True,
+        do_resize=True,
+        size={"shortest_edge": size},
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+        resample=3,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-        chat_template=vicuna_chat_template(cfg.hdf5["phase2"].prompt_style), image_token=IMAGE_TOKEN,
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=vicuna_chat_template(cfg.hdf5["phase2"].prompt_style),
+        image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
     )
     out = cfg.path("models") / "hf"
@@ -137,11 +148,16 @@ def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
     hf.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     train_summary = json.loads((ckpt / "train_summary.json").read_text())
-    write_json_atomic(tmp / "export_info.json", {
-        "source_checkpoint": str(ckpt), "phase": phase, "image_token_id": image_token_id,
-        "image_patch_start_idx": train_summary["image_patch_start_idx"],
-        "prompt_style": cfg.hdf5["phase2"].prompt_style,
-    })
+    write_json_atomic(
+        tmp / "export_info.json",
+        {
+            "source_checkpoint": str(ckpt),
+            "phase": phase,
+            "image_token_id": image_token_id,
+            "image_patch_start_idx": train_summary["image_patch_start_idx"],
+            "prompt_style": cfg.hdf5["phase2"].prompt_style,
+        },
+    )
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

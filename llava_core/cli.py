@@ -1,12 +1,12 @@
 """`llava-pipeline`: the stages from the command line (what `dvc.yaml` runs), and the whole chain.
 
-    llava-pipeline [--params params.yaml] download <source>
-    llava-pipeline convert <dataset>
-    llava-pipeline hdf5 <phase>
-    llava-pipeline train <phase>
-    llava-pipeline export
-    llava-pipeline evaluate
-    llava-pipeline all            # every stage in order, then print the eval report
+llava-pipeline [--params params.yaml] download <source>
+llava-pipeline convert <dataset>
+llava-pipeline hdf5 <phase>
+llava-pipeline train <phase>
+llava-pipeline export
+llava-pipeline evaluate
+llava-pipeline all            # every stage in order, then print the eval report
 """
 
 from __future__ import annotations

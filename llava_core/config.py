@@ -160,26 +160,47 @@ def _preset_tiny() -> dict:
     return {
         "model": {
             "vision_config": {
-                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-                "image_size": 32, "patch_size": 8, "hidden_act": "quick_gelu", "projection_dim": 64,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 4,
+                "hidden_act": "quick_gelu",
+                "projection_dim": 64,
             },
             "text_config": {
-                "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 4, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+                "hidden_size": 128,
+                "intermediate_size": 344,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 256,
+                "rms_norm_eps": 1e-5,
                 "tie_word_embeddings": False,
             },
             "tokenizer": str(RESOURCES / "tiny_tokenizer"),
             "image_size": 32,
         },
         "hdf5": {
-            "phase1": {"prompt_style": "plain", "max_sequence_length": 64},
-            "phase2": {"prompt_style": "vicuna_v1", "max_sequence_length": 224},
+            "phase1": {"prompt_style": "plain", "max_sequence_length": 112},
+            "phase2": {"prompt_style": "vicuna_v1", "max_sequence_length": 288},
         },
         "train": {
-            "phase1": {"epochs": 1, "global_batch_size": 32, "micro_batch_size": 32, "learning_rate": 1e-3,
-                       "freeze": ["^image_model", "^text_model"]},
-            "phase2": {"epochs": 2, "global_batch_size": 32, "micro_batch_size": 32, "learning_rate": 1e-3,
-                       "freeze": ["^image_model"]},
+            "phase1": {
+                "epochs": 1,
+                "global_batch_size": 32,
+                "micro_batch_size": 32,
+                "learning_rate": 1e-3,
+                "freeze": ["^image_model", "^text_model"],
+            },
+            "phase2": {
+                "epochs": 3,
+                "global_batch_size": 32,
+                "micro_batch_size": 32,
+                "learning_rate": 1e-3,
+                "freeze": ["^image_model"],
+            },
         },
     }
 
@@ -199,17 +220,33 @@ def _preset_llava15(size: str) -> dict:
             "phase2": {"prompt_style": "vicuna_v1", "max_sequence_length": 2048},
         },
         "train": {
-            "phase1": {"epochs": 1, "global_batch_size": 256, "micro_batch_size": 32, "learning_rate": 1e-3,
-                       "freeze": ["^image_model", "^text_model"], "mixed_precision": "bf16",
-                       "accelerate_config": gpu},
-            "phase2": {"epochs": 1, "global_batch_size": 128, "micro_batch_size": 16, "learning_rate": 2e-5,
-                       "freeze": ["^image_model"], "mixed_precision": "bf16", "accelerate_config": gpu},
+            "phase1": {
+                "epochs": 1,
+                "global_batch_size": 256,
+                "micro_batch_size": 32,
+                "learning_rate": 1e-3,
+                "freeze": ["^image_model", "^text_model"],
+                "mixed_precision": "bf16",
+                "accelerate_config": gpu,
+            },
+            "phase2": {
+                "epochs": 1,
+                "global_batch_size": 128,
+                "micro_batch_size": 16,
+                "learning_rate": 2e-5,
+                "freeze": ["^image_model"],
+                "mixed_precision": "bf16",
+                "accelerate_config": gpu,
+            },
         },
     }
 
 
-PRESETS = {"tiny": _preset_tiny, "llava-v1.5-7b": lambda: _preset_llava15("7b"),
-           "llava-v1.5-13b": lambda: _preset_llava15("13b")}
+PRESETS = {
+    "tiny": _preset_tiny,
+    "llava-v1.5-7b": lambda: _preset_llava15("7b"),
+    "llava-v1.5-13b": lambda: _preset_llava15("13b"),
+}
 
 
 @dataclass
@@ -271,15 +308,19 @@ class PipelineConfig:
         for group in ("sources", "datasets"):
             for name in getattr(self, group):
                 if not NAME_RE.fullmatch(name):
-                    raise ConfigError(f"{group}.{name}: names are Dagster asset keys and DVC stage names; "
-                                      f"use letters, digits and underscores")
+                    raise ConfigError(
+                        f"{group}.{name}: names are Dagster asset keys and DVC stage names; "
+                        f"use letters, digits and underscores"
+                    )
         for name, src in self.sources.items():
             src.validate(name)
         from llava_core.convert import CONVERTERS
 
         for name, ds in self.datasets.items():
             if ds.source not in self.sources:
-                raise ConfigError(f"datasets.{name}.source: unknown source {ds.source!r}; valid: {sorted(self.sources)}")
+                raise ConfigError(
+                    f"datasets.{name}.source: unknown source {ds.source!r}; valid: {sorted(self.sources)}"
+                )
             if ds.converter not in CONVERTERS:
                 raise ConfigError(
                     f"datasets.{name}.converter: unknown converter {ds.converter!r}; valid: {sorted(CONVERTERS)}"

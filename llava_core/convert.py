@@ -77,6 +77,9 @@ def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images
             raise Drop("missing_fields")
         rel = image_prefix + image
         try:
+            # the path must stay inside its own source's folder (no absolute paths, no `..` escapes),
+            # and the prefixed path inside the image root
+            resolve_image(image_root / image_prefix if image_prefix else image_root, image)
             resolve_image(image_root, rel)
             if check_images:
                 check_image(image_root, rel)
@@ -121,7 +124,14 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
             written += 1
     tmp.replace(out_path)
     report_path = out_path.with_suffix(".report.json")
-    report = {"dataset": dataset, "source_file": str(src_file), "converter": ds.converter, "read": read,
-              "written": written, "dropped": dict(sorted(dropped.items())), "dropped_total": sum(dropped.values())}
+    report = {
+        "dataset": dataset,
+        "source_file": str(src_file),
+        "converter": ds.converter,
+        "read": read,
+        "written": written,
+        "dropped": dict(sorted(dropped.items())),
+        "dropped_total": sum(dropped.values()),
+    }
     write_json_atomic(report_path, report)
     return ConvertResult(dataset, out_path, report_path, read, written, dict(dropped))

@@ -20,6 +20,7 @@ from llava_core.images import check_image, clip_transform, load_rgb
 from llava_core.metrics import METRICS
 from llava_core.prompts import encode_conversation
 
+
 @dataclass
 class EvalResult:
     report_path: Path
@@ -47,8 +48,9 @@ def load_questions(path: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def generate_answers(hf_model, tokenizer, questions: list[dict], image_folder: Path, cfg: PipelineConfig,
-                     image_token_id: int) -> list[str]:
+def generate_answers(
+    hf_model, tokenizer, questions: list[dict], image_folder: Path, cfg: PipelineConfig, image_token_id: int
+) -> list[str]:
     """Greedy answers, batched with left padding."""
     ec = cfg.eval
     size = hf_model.config.vision_config.image_size
@@ -60,8 +62,14 @@ def generate_answers(hf_model, tokenizer, questions: list[dict], image_folder: P
         seqs, pixels = [], []
         for q in batch:
             text = q["text"] + (f"\n{ec.prompt_suffix}" if ec.prompt_suffix else "")
-            enc = encode_conversation([{"from": "human", "value": f"<image>\n{text}"}], tokenizer, ec.prompt_style,
-                                      num_patches, pad, for_generation=True)
+            enc = encode_conversation(
+                [{"from": "human", "value": f"<image>\n{text}"}],
+                tokenizer,
+                ec.prompt_style,
+                num_patches,
+                pad,
+                for_generation=True,
+            )
             ids = list(enc.input_ids)
             ids[enc.image_start : enc.image_start + num_patches] = [image_token_id] * num_patches
             seqs.append(ids)
@@ -69,9 +77,16 @@ def generate_answers(hf_model, tokenizer, questions: list[dict], image_folder: P
         width = max(len(s) for s in seqs)
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        out = hf_model.generate(input_ids=input_ids, attention_mask=attention, pixel_values=torch.stack(pixels),
-                                max_new_tokens=ec.max_new_tokens, do_sample=False, num_beams=1,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        out = hf_model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            pixel_values=torch.stack(pixels),
+            max_new_tokens=ec.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
         for row in out[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return answers
@@ -104,16 +119,27 @@ def evaluate(cfg: PipelineConfig) -> EvalResult:
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     torch.manual_seed(cfg.seed)
     questions = load_questions(cfg.image_root / cfg.eval.questions)
-    preds = generate_answers(model, tokenizer, questions, cfg.image_root / cfg.eval.image_folder, cfg,
-                             info["image_token_id"])
+    preds = generate_answers(
+        model, tokenizer, questions, cfg.image_root / cfg.eval.image_folder, cfg, info["image_token_id"]
+    )
     reports = cfg.path("reports")
     reports.mkdir(parents=True, exist_ok=True)
     answers_path = reports / "answers.jsonl"
     tmp = answers_path.with_name(f".{answers_path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for q, p in zip(questions, preds, strict=True):
-            f.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": p,
-                                "answers": q["answers"], "category": q.get("category")}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question_id": q["question_id"],
+                        "prompt": q["text"],
+                        "text": p,
+                        "answers": q["answers"],
+                        "category": q.get("category"),
+                    }
+                )
+                + "\n"
+            )
     tmp.replace(answers_path)
     report = score(questions, preds, cfg)
     report["model"] = str(model_dir)

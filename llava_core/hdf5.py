@@ -43,8 +43,9 @@ class Hdf5Result:
     image_start_idx: int = 0
 
 
-def example_rows(enc_ids: list[int], enc_loss: list[int], msl: int, pad_id: int, image_start: int,
-                 num_patches: int, has_image: bool) -> np.ndarray:
+def example_rows(
+    enc_ids: list[int], enc_loss: list[int], msl: int, pad_id: int, image_start: int, num_patches: int, has_image: bool
+) -> np.ndarray:
     """Pack one encoded conversation into the (4, MSL) int32 block."""
     n = len(enc_ids)
     block = np.zeros((4, msl), dtype=np.int32)
@@ -120,8 +121,11 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
                     discarded["no_loss_tokens"] += 1
                     continue
                 image_starts.add(enc.image_start)
-                blocks.append(example_rows(enc.input_ids, enc.loss_mask, msl, pad_id, enc.image_start,
-                                           num_patches, image is not None))
+                blocks.append(
+                    example_rows(
+                        enc.input_ids, enc.loss_mask, msl, pad_id, enc.image_start, num_patches, image is not None
+                    )
+                )
                 paths.append(image.encode("utf-8") if image is not None else NO_IMAGE)
     if not blocks:
         raise ValueError(f"{phase}: no example survived ({dict(discarded)}) out of {processed} records")
@@ -143,8 +147,11 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
         with h5py.File(tmp / name, "w") as h5:
             h5.attrs["n_examples"] = len(idx)
             h5.create_dataset("data", data=np.stack([blocks[i] for i in idx]), dtype="int32", chunks=(1, 4, msl))
-            h5.create_dataset("img_path", data=np.array([[paths[i]] for i in idx], dtype=object),
-                              dtype=h5py.string_dtype(encoding="utf-8"))
+            h5.create_dataset(
+                "img_path",
+                data=np.array([[paths[i]] for i in idx], dtype=object),
+                dtype=h5py.string_dtype(encoding="utf-8"),
+            )
         files.append({"file": name, "n_examples": len(idx)})
 
     data = np.stack(blocks)
@@ -156,10 +163,18 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
     stats["supervised_fraction"] = stats["loss_valid_tokens"] / max(1, stats["non_pad_tokens"])
     params = {
         "phase": phase,
-        "settings": {"prompt_style": hc.prompt_style, "max_sequence_length": msl, "shard_size": hc.shard_size,
-                     "min_image_size": hc.min_image_size, "tokenizer": cfg.model.tokenizer, "image_size": image_size,
-                     "patch_size": patch, "seed": cfg.seed, "inputs": [str(p) for p in inputs],
-                     "image_root": str(cfg.image_root)},
+        "settings": {
+            "prompt_style": hc.prompt_style,
+            "max_sequence_length": msl,
+            "shard_size": hc.shard_size,
+            "min_image_size": hc.min_image_size,
+            "tokenizer": cfg.model.tokenizer,
+            "image_size": image_size,
+            "patch_size": patch,
+            "seed": cfg.seed,
+            "inputs": [str(p) for p in inputs],
+            "image_root": str(cfg.image_root),
+        },
         "processed": processed,
         "discarded": sum(discarded.values()),
         "discarded_by_reason": dict(sorted(discarded.items())),

@@ -67,7 +67,7 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_COLOR) -
     return out
 
 
-def clip_transform(img: Image.Image, size: int) -> "torch.Tensor":  # noqa: F821
+def clip_transform(img: Image.Image, size: int) -> torch.Tensor:  # noqa: F821
     """LLaVA-1.5 'pad' transform: expand to square with the mean colour, bicubic resize, centre crop, normalise.
 
     Returns a float32 tensor (3, size, size).

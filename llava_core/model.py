@@ -73,8 +73,9 @@ class LlavaModel(nn.Module):
             feats = out.hidden_states[self.vision_feature_layer][:, 1:]  # (B, P, D_vision)
         return self.projector(feats)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, has_image: torch.Tensor,
-              image_start: int) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, has_image: torch.Tensor, image_start: int
+    ) -> torch.Tensor:
         """Token embeddings with the `P` slots from `image_start` replaced by image features where has_image."""
         emb = self.text_model.get_input_embeddings()(input_ids)  # (B, T, D)
         if not bool(has_image.any()):
@@ -85,9 +86,16 @@ class LlavaModel(nn.Module):
         slots = torch.where(has_image.view(-1, 1, 1), feats, slots)
         return torch.cat([emb[:, :image_start], slots, emb[:, image_start + p :]], dim=1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                has_image: torch.Tensor, image_start: int, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        has_image: torch.Tensor,
+        image_start: int,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits (B, T, V), loss). `labels` are already shifted: logits[:, t] predicts labels[:, t]."""
         embeds = self.embed(input_ids, pixel_values, has_image, image_start)
         logits = self.text_model(inputs_embeds=embeds, attention_mask=attention_mask).logits
@@ -150,7 +158,9 @@ def build_model(cfg: PipelineConfig, vocab_size: int, special_ids: dict[str, int
         if text_model.get_input_embeddings().num_embeddings < vocab_size:
             text_model.resize_token_embeddings(vocab_size)
     else:
-        text_model = AutoModelForCausalLM.from_config(LlamaConfig(**m.text_config, vocab_size=vocab_size, **special_ids))
+        text_model = AutoModelForCausalLM.from_config(
+            LlamaConfig(**m.text_config, vocab_size=vocab_size, **special_ids)
+        )
     return LlavaModel(image_model, text_model, m.vision_feature_layer)
 
 
@@ -195,5 +205,7 @@ def load_model(folder: Path) -> LlavaModel:
     # tied or buffer-only keys may be absent; anything else is a broken checkpoint
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {folder} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model

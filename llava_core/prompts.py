@@ -86,9 +86,12 @@ def _split_turns(conversations: list[dict]) -> list[tuple[str, str | None]]:
 
 def _strip_image(text: str) -> str:
     """Remove the `<image>` placeholder and the newline that joins it to the question."""
-    return text.replace(IMAGE_PLACEHOLDER + "\n", "").replace("\n" + IMAGE_PLACEHOLDER, "").replace(
-        IMAGE_PLACEHOLDER, ""
-    ).strip()
+    return (
+        text.replace(IMAGE_PLACEHOLDER + "\n", "")
+        .replace("\n" + IMAGE_PLACEHOLDER, "")
+        .replace(IMAGE_PLACEHOLDER, "")
+        .strip()
+    )
 
 
 def encode_conversation(

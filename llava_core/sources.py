@@ -56,8 +56,9 @@ def manifest_intact(folder: Path, declaration: dict) -> bool:
         return False
     if manifest.get("declaration") != declaration:
         return False
-    return all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["size"]
-               for f in manifest["files"])
+    return all(
+        (folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["size"] for f in manifest["files"]
+    )
 
 
 def _fetch_generated(src: SourceConfig, dest: Path) -> None:

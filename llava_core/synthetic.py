@@ -54,6 +54,8 @@ class ShapesOptions:
     num_instruct: int = 3000
     num_eval_images: int = 120
     text_only_fraction: float = 0.03
+    shape_fill: float = 0.875  # shape extent as a fraction of its quadrant
+    jitter: int = 0  # random offset of a shape inside its quadrant, in pixels (harder when > 0)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -61,6 +63,10 @@ class ShapesOptions:
         for name in ("num_pretrain", "num_instruct", "num_eval_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.3 <= self.shape_fill <= 1.0:
+            raise ValueError(f"shape_fill must be in [0.3, 1], got {self.shape_fill}")
+        if self.jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
         if not 0.0 <= self.text_only_fraction < 1.0:
             raise ValueError(f"text_only_fraction must be in [0, 1), got {self.text_only_fraction}")
 
@@ -81,19 +87,27 @@ def sample_scene(rng: random.Random) -> list[PlacedShape]:
     return [PlacedShape(s, c, p) for s, c, p in zip(shapes, colors, positions, strict=True)]
 
 
-def render_scene(scene: list[PlacedShape], size: int, rng: random.Random) -> Image.Image:
-    """Draw the scene on a light, slightly tinted background; each shape fills most of its quadrant."""
+def render_scene(
+    scene: list[PlacedShape], size: int, rng: random.Random, fill: float = 0.875, jitter: int = 0
+) -> Image.Image:
+    """Draw the scene on a light, slightly tinted background; each shape is centred in its quadrant.
+
+    Centred shapes of one size keep each kind's outline on the same patches, which is what lets the tiny
+    preset's random, frozen vision tower tell the kinds apart; `jitter` moves them for a harder variant.
+    """
     bg = tuple(rng.randint(215, 250) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
     half = size // 2
+    extent = max(4, round(half * fill))
+    margin = (half - extent) // 2
     for item in scene:
         row, col = item.position.split()
         x0 = 0 if col == "left" else half
         y0 = 0 if row == "top" else half
-        extent = rng.randint(int(half * 0.65), int(half * 0.85))
-        ox = x0 + rng.randint(1, half - extent - 1)
-        oy = y0 + rng.randint(1, half - extent - 1)
+        dx, dy = (rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) if jitter else (0, 0)
+        ox = min(max(x0, x0 + margin + dx), x0 + half - extent)
+        oy = min(max(y0, y0 + margin + dy), y0 + half - extent)
         box = (ox, oy, ox + extent, oy + extent)
         fill = COLORS[item.color]
         if item.shape == "circle":
@@ -144,7 +158,7 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     for i in range(options.num_pretrain):
         scene = sample_scene(rng)
         rel = f"images/pt_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng), folder, rel)
+        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter), folder, rel)
         pretrain.append(
             {
                 "id": f"pt_{i:06d}",
@@ -166,7 +180,7 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
             continue
         scene = sample_scene(rng)
         rel = f"images/it_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng), folder, rel)
+        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter), folder, rel)
         qas = questions_for(scene, rng)
         rng.shuffle(qas)
         turns = qas[: rng.randint(1, 3)]
@@ -185,11 +199,9 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     for i in range(options.num_eval_images):
         scene = sample_scene(rng)
         rel = f"eval_images/ev_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng), folder, rel)
+        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter), folder, rel)
         for category, q, a in questions_for(scene, rng):
-            eval_lines.append(
-                {"question_id": qid, "image": rel, "text": q, "answers": [a], "category": category}
-            )
+            eval_lines.append({"question_id": qid, "image": rel, "text": q, "answers": [a], "category": category})
             qid += 1
 
     (folder / "pretrain.json").write_text(json.dumps(pretrain, indent=1))

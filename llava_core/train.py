@@ -77,8 +77,11 @@ class Recipe:
         self.tokenizer = tok
         prev = previous_phase(self.phase)
         if prev is None:
-            special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
-                       "pad_token_id": tok.pad_token_id}
+            special = {
+                "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id,
+            }
             model = build_model(self.cfg, len(tok), special)
         else:
             prev_dir = self.cfg.checkpoint_dir(prev)
@@ -101,8 +104,15 @@ class Recipe:
         ds = LlavaHdf5Dataset(self.data_dir, self.cfg.image_root, self.cfg.model.image_size)
         self.image_start = ds.image_start
         g = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(ds, batch_size=self.tc.micro_batch_size, shuffle=True, generator=g,
-                          num_workers=self.tc.num_workers, drop_last=False, collate_fn=collate_trimmed)
+        return DataLoader(
+            ds,
+            batch_size=self.tc.micro_batch_size,
+            shuffle=True,
+            generator=g,
+            num_workers=self.tc.num_workers,
+            drop_last=False,
+            collate_fn=collate_trimmed,
+        )
 
     def _setup_optimizer(self, model: LlavaModel, steps: int):
         from transformers import get_cosine_schedule_with_warmup
@@ -111,15 +121,21 @@ class Recipe:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.tc.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.tc.learning_rate, betas=(0.9, 0.999))
         warmup = math.ceil(steps * self.tc.warmup_ratio)
         return opt, get_cosine_schedule_with_warmup(opt, warmup, steps)
 
     def _loss_step(self, model: LlavaModel, batch: dict) -> torch.Tensor:
-        _, loss = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["has_image"],
-                        self.image_start, labels=batch["labels"], loss_mask=batch["loss_mask"])
+        _, loss = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["has_image"],
+            self.image_start,
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
         return loss
 
     def train(self) -> dict:
@@ -163,26 +179,38 @@ class Recipe:
                 step += 1
                 if step % self.tc.log_every == 0 or step == total_steps:
                     dt = time.perf_counter() - window["t"]
-                    rec = {"step": step, "loss": window["loss"] / window["n"], "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                           "tokens_per_s": window["tokens"] / dt, "samples_per_s": window["samples"] / dt,
-                           "epoch": step / steps_per_epoch}
+                    rec = {
+                        "step": step,
+                        "loss": window["loss"] / window["n"],
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": window["tokens"] / dt,
+                        "samples_per_s": window["samples"] / dt,
+                        "epoch": step / steps_per_epoch,
+                    }
                     losses.append(rec["loss"])
                     if metrics_f:
                         metrics_f.write(json.dumps(rec) + "\n")
                         metrics_f.flush()
-                    self.log(f"step {step}/{total_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                             f"{rec['tokens_per_s']:.0f} tok/s")
+                    self.log(
+                        f"step {step}/{total_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                        f"{rec['tokens_per_s']:.0f} tok/s"
+                    )
                     window = {"loss": 0.0, "n": 0, "tokens": 0, "samples": 0, "t": time.perf_counter()}
                 if step >= total_steps:
                     break
 
         acc.wait_for_everyone()
         summary = {
-            "phase": self.phase, "steps": step, "final_loss": losses[-1] if losses else None,
-            "first_loss": losses[0] if losses else None, "examples": len(loader.dataset),
-            "global_batch_size": self.tc.global_batch_size, "processes": acc.num_processes,
-            "seconds": time.perf_counter() - t0, "trainable_parameters": self.freeze.trainable,
+            "phase": self.phase,
+            "steps": step,
+            "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None,
+            "examples": len(loader.dataset),
+            "global_batch_size": self.tc.global_batch_size,
+            "processes": acc.num_processes,
+            "seconds": time.perf_counter() - t0,
+            "trainable_parameters": self.freeze.trainable,
             "total_parameters": self.freeze.trainable + self.freeze.frozen,
             "image_patch_start_idx": self.image_start,
         }

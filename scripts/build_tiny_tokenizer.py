@@ -49,7 +49,9 @@ def build() -> Tokenizer:
     )
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=SPECIALS + byte_tokens, show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIALS + byte_tokens,
+        show_progress=False,
         initial_alphabet=list(string.printable.strip()) + ["▁"],
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
@@ -57,7 +59,9 @@ def build() -> Tokenizer:
     data = json.loads(tok.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in SPECIALS]
     tok = Tokenizer.from_str(json.dumps(data))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     return tok
 
 
@@ -69,8 +73,14 @@ def main() -> None:
     for i, s in enumerate(SPECIALS):
         assert tok.token_to_id(s) == i, (s, tok.token_to_id(s))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096, padding_side="right",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=4096,
+        padding_side="right",
     )
     args.out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(args.out)

@@ -1,0 +1,39 @@
+# The few commands people type. `make demo` and `make test` set up the virtualenv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Machines of this project carry a CPU build of torch in /opt/wheels; elsewhere PyPI's build is used.
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup demo test test-fast lint lock dagster clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock $(WHEELS)
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	touch $@
+
+demo: setup  ## the whole pipeline on the embedded default, then the eval report
+	$(VENV)/bin/llava-pipeline --params params.yaml all
+
+test: setup  ## the full test suite (unit + end-to-end on the tiny preset)
+	$(VENV)/bin/pytest -q
+
+test-fast: setup  ## unit tests only
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+lint: setup
+	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts
+
+lock:  ## re-pin the whole dependency tree after changing pyproject.toml
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 $(WHEELS) --no-header -o requirements.lock
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.lock
+
+dagster: setup  ## the Dagster UI on http://127.0.0.1:3000
+	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} sh -c 'mkdir -p $$DAGSTER_HOME && $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000'
+
+clean:  ## remove the workspace outputs (not the virtualenv)
+	rm -rf data checkpoints models reports

@@ -1,0 +1,1 @@
+"""Dagster Definitions, resources and jobs for the LLaVA pipeline."""

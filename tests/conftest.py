@@ -1,0 +1,39 @@
+"""Shared fixtures: params files for temporary workspaces, built from the project's own params.yaml."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers_unit import PROJECT, base_params, write_params  # noqa: F401  (PROJECT re-exported)
+
+FAST_TRAIN = {
+    "phase1": {"epochs": 1, "global_batch_size": 16, "micro_batch_size": 16},
+    "phase2": {"epochs": 1, "global_batch_size": 16, "micro_batch_size": 16},
+}
+E2E_SOURCE = {"num_pretrain": 64, "num_instruct": 64, "num_eval_images": 4}
+
+
+def e2e_params(folder: Path, root: str | None = None, small: bool = True) -> Path:
+    """params.yaml in `folder` for an end-to-end run: small data and one short epoch, or the full default."""
+    params = base_params(root if root is not None else folder, small=False, **(E2E_SOURCE if small else {}))
+    if small:
+        for phase, values in FAST_TRAIN.items():
+            params["train"][phase].update(values)
+    return write_params(folder, params)
+
+
+@pytest.fixture
+def small_params(tmp_path: Path) -> Path:
+    """A tiny-preset workspace with a few dozen records: every stage runs in seconds."""
+    return e2e_params(tmp_path)
+
+
+@pytest.fixture
+def venv_env() -> dict:
+    """Environment in which the project's console scripts (llava-pipeline, dvc) are on PATH."""
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}

@@ -1,0 +1,361 @@
+"""HDF5 stage on a tiny synthetic workspace, read back with plain h5py (REFERENCE.md section 6)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from llava_core.config import PRESETS, load_config
+from llava_core.convert import convert
+from llava_core.hdf5 import LlavaHdf5Dataset, build_hdf5, collate_trimmed, example_rows
+from llava_core.sources import download
+from tests.helpers_unit import TINY_TOKENIZER, base_params, write_params, write_png, write_truncated_png
+
+PHASES = ("phase1", "phase2")
+_VISION = PRESETS["tiny"]()["model"]["vision_config"]
+IMAGE_SIZE = _VISION["image_size"]
+NUM_PATCHES = (_VISION["image_size"] // _VISION["patch_size"]) ** 2
+
+TEXT_ONLY_EXTRA = {
+    "id": "extra_text",
+    "conversations": [
+        {"from": "human", "value": "How many sides does a square have?"},
+        {"from": "gpt", "value": "4"},
+        {"from": "human", "value": "And a triangle?"},
+        {"from": "gpt", "value": "A triangle has 3 sides."},
+    ],
+}
+
+
+def _qa(q, a):
+    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+
+
+# (reason, record) appended to the converted phase-2 jsonl before building
+REJECTED = [
+    (
+        "image_missing",
+        {
+            "id": "bad_missing",
+            "image": "extra/missing.png",
+            "conversations": _qa("<image>\nWhat color is the circle?", "red"),
+        },
+    ),
+    (
+        "image_undecodable",
+        {
+            "id": "bad_trunc",
+            "image": "extra/trunc.png",
+            "conversations": _qa("<image>\nWhat color is the circle?", "red"),
+        },
+    ),
+    (
+        "image_placeholder_count",
+        {
+            "id": "bad_two",
+            "image": "extra/two.png",
+            "conversations": _qa("<image>\n<image>\nWhat color is the circle?", "red"),
+        },
+    ),
+    (
+        "longer_than_msl",
+        {
+            "id": "bad_long",
+            "image": "extra/long.png",
+            "conversations": _qa("<image>\nDescribe the image.", " ".join(["circle"] * 300)),
+        },
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hdf5ws")
+    params = base_params(root)
+    params["hdf5"]["phase2"]["shard_size"] = 8  # several files, so the reader crosses file boundaries
+    cfg = load_config(write_params(root, params))
+    download(cfg, "synthetic_shapes")
+    for ds in ("shapes_pretrain", "shapes_instruct"):
+        res = convert(cfg, ds)
+        assert res.written == 20 and res.dropped == {}
+    extra = cfg.image_root / "extra"
+    write_truncated_png(extra / "trunc.png")
+    write_png(extra / "two.png")
+    write_png(extra / "long.png")
+    with open(cfg.jsonl_path("shapes_instruct"), "a") as f:
+        f.write(json.dumps(TEXT_ONLY_EXTRA) + "\n")
+        for _, rec in REJECTED:
+            f.write(json.dumps(rec) + "\n")
+    with open(cfg.jsonl_path("shapes_pretrain"), "a") as f:  # phase 1 trains on images only
+        f.write(json.dumps({"id": "pt_text", "conversations": _qa("Describe.", "Nothing.")}) + "\n")
+    results = {phase: build_hdf5(cfg, phase) for phase in PHASES}
+    return cfg, results
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+
+
+def read_phase(folder: Path):
+    """Plain h5py + json: (data_params, data (N,4,MSL), img paths as str)."""
+    params = json.loads((folder / "data_params.json").read_text())
+    blocks, paths = [], []
+    for entry in params["files"]:
+        with h5py.File(folder / entry["file"], "r") as h5:
+            blocks.append(h5["data"][:])
+            raw = h5["img_path"][:]
+            assert raw.shape == (entry["n_examples"], 1)
+            paths += [p[0].decode() if isinstance(p[0], bytes) else str(p[0]) for p in raw]
+    return params, np.concatenate(blocks), paths
+
+
+def jsonl_records(params) -> list[dict]:
+    recs = []
+    for p in params["settings"]["inputs"]:
+        recs += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    return recs
+
+
+def loss_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def answers_of(rec: dict, phase: str) -> list[str]:
+    answers = [t["value"].strip() for t in rec["conversations"][1::2]]
+    return answers[:1] if phase == "phase1" else answers  # plain keeps the first answer only
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_files_open_with_plain_h5py(ws, phase):
+    cfg, results = ws
+    folder = cfg.hdf5_dir(phase)
+    params = json.loads((folder / "data_params.json").read_text())
+    msl = cfg.hdf5[phase].max_sequence_length
+    assert params["settings"]["max_sequence_length"] == msl
+    assert params["phase"] == phase
+    total = 0
+    for entry in params["files"]:
+        with h5py.File(folder / entry["file"], "r") as h5:
+            n = int(h5.attrs["n_examples"])
+            assert n == entry["n_examples"]
+            d = h5["data"]
+            assert d.dtype == np.int32
+            assert d.shape == (n, 4, msl)
+            assert d.chunks == (1, 4, msl)
+            assert h5["img_path"].shape == (n, 1)
+            total += n
+    assert total == params["examples"] == results[phase].examples
+    assert results[phase].path == folder
+    expected_files = ["data-00000.h5"] if phase == "phase1" else [f"data-{k:05d}.h5" for k in range(3)]
+    assert [f["file"] for f in params["files"]] == expected_files
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected_files + ["data_params.json"])
+    assert not folder.with_name(f".{phase}.partial").exists()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_labels_are_inputs_shifted_left(ws, phase):
+    cfg, _ = ws
+    params, data, _ = read_phase(cfg.hdf5_dir(phase))
+    pad = params["pad_id"]
+    np.testing.assert_array_equal(data[:, 2, :-1], data[:, 0, 1:])
+    assert (data[:, 2, -1] == pad).all()
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_loss_tokens_decode_to_the_record_answers(ws, tok, phase):
+    cfg, _ = ws
+    params, data, paths = read_phase(cfg.hdf5_dir(phase))
+    assert params["eos_id"] == tok.eos_token_id and params["pad_id"] == tok.pad_token_id
+    assert params["bos_id"] == tok.bos_token_id and params["vocab_size"] == len(tok)
+    records = jsonl_records(params)
+    by_image = {r["image"]: r for r in records if "image" in r}
+    assert len(by_image) == sum("image" in r for r in records)  # image paths are unique per record
+    text_only_answers = Counter(tuple(answers_of(r, phase)) for r in records if "image" not in r)
+    seen_text_only: Counter = Counter()
+    seen_images = set()
+    for row, path in zip(data, paths, strict=True):
+        labels, loss = row[2], row[1]
+        decoded = [tok.decode(labels[s:e].tolist(), skip_special_tokens=False) for s, e in loss_runs(loss)]
+        assert all(d.endswith("</s>") for d in decoded)
+        got = tuple(d[: -len("</s>")] for d in decoded)
+        # inside a run only the last label is EOS
+        for s, e in loss_runs(loss):
+            assert labels[e - 1] == tok.eos_token_id
+            assert tok.eos_token_id not in labels[s : e - 1].tolist()
+        if path == "None":
+            seen_text_only[got] += 1
+        else:
+            assert got == tuple(answers_of(by_image[path], phase)), path
+            seen_images.add(path)
+    if phase == "phase2":
+        assert seen_text_only == text_only_answers
+        assert ("4", "A triangle has 3 sides.") in seen_text_only
+        assert params["text_only_examples"] == sum(text_only_answers.values()) >= 1
+    else:
+        assert not seen_text_only and params["text_only_examples"] == 0
+    rejected_paths = {rec["image"] for _, rec in REJECTED}
+    assert seen_images == set(by_image) - rejected_paths
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_image_slots_and_key_padding(ws, tok, phase):
+    cfg, _ = ws
+    params, data, paths = read_phase(cfg.hdf5_dir(phase))
+    info = params["image_patch_info"]
+    start, n_patches = info["image_patch_start_idx"], info["num_patches"]
+    assert n_patches == NUM_PATCHES
+    if phase == "phase1":
+        assert start == 1
+    else:
+        system = (
+            "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+            "helpful, detailed, and polite answers to the user's questions. USER:"
+        )
+        assert start == 1 + len(tok.encode(system, add_special_tokens=False))
+    pad, eos = params["pad_id"], params["eos_id"]
+    msl = data.shape[2]
+    slots = slice(start, start + n_patches)
+    for row, path in zip(data, paths, strict=True):
+        ids, loss, kpm = row[0], row[1], row[3]
+        assert ids[0] == tok.bos_token_id
+        assert (ids[slots] == pad).all()
+        # loss is aligned with labels: the positions whose target is an image slot are never supervised
+        assert (loss[start - 1 : start + n_patches - 1] == 0).all()
+        assert (kpm[slots] == (1 if path == "None" else 0)).all()
+        # the sequence ends with the last EOS; key_padding_mask is 1 exactly after it
+        n = int(np.nonzero(ids == eos)[0].max()) + 1
+        assert (ids[n:] == pad).all()
+        assert (kpm[n:] == 1).all()
+        outside = np.ones(msl, dtype=bool)
+        outside[slots] = False
+        outside[n:] = False
+        assert (kpm[outside] == 0).all()
+        assert (loss[n - 1 :] == 0).all()  # nothing is supervised past the sequence
+    # text-only examples really are the "None" ones
+    assert sum(p == "None" for p in paths) == params["text_only_examples"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_counts_and_token_stats(ws, phase):
+    cfg, results = ws
+    params, data, _ = read_phase(cfg.hdf5_dir(phase))
+    n_lines = sum(1 for p in params["settings"]["inputs"] for line in Path(p).read_text().splitlines() if line.strip())
+    assert params["processed"] == n_lines == results[phase].processed
+    assert params["processed"] == params["examples"] + params["discarded"]
+    assert params["discarded"] == sum(params["discarded_by_reason"].values())
+    stats = params["token_stats"]
+    assert stats["loss_valid_tokens"] == int(data[:, 1].sum())
+    assert stats["non_pad_tokens"] == int((data[:, 3] == 0).sum())
+    assert stats["num_tokens"] == data.shape[0] * data.shape[2]
+    assert stats["supervised_fraction"] == pytest.approx(stats["loss_valid_tokens"] / stats["non_pad_tokens"])
+    assert params["settings"]["prompt_style"] == cfg.hdf5[phase].prompt_style
+
+
+def test_rejections_are_counted_by_reason(ws):
+    cfg, results = ws
+    params, _, paths = read_phase(cfg.hdf5_dir("phase2"))
+    assert params["discarded_by_reason"] == {reason: 1 for reason, _ in REJECTED}
+    assert results["phase2"].discarded == {reason: 1 for reason, _ in REJECTED}
+    assert params["examples"] == 21  # 20 converted + the extra text-only record
+    assert not {rec["image"] for _, rec in REJECTED} & set(paths)
+    p1 = json.loads((cfg.hdf5_dir("phase1") / "data_params.json").read_text())
+    assert p1["discarded_by_reason"] == {"phase1_without_image": 1}
+    assert p1["examples"] == 20
+
+
+def test_reader_returns_tensors(ws):
+    cfg, _ = ws
+    folder = cfg.hdf5_dir("phase2")
+    params, data, paths = read_phase(folder)
+    msl = data.shape[2]
+    ds = LlavaHdf5Dataset(folder, cfg.image_root, IMAGE_SIZE)
+    assert len(ds) == data.shape[0]
+    assert ds.image_start == params["image_patch_info"]["image_patch_start_idx"]
+    for i in range(len(ds)):
+        item = ds[i]
+        assert set(item) == {"input_ids", "loss_mask", "labels", "attention_mask", "pixel_values", "has_image"}
+        for k in ("input_ids", "loss_mask", "labels", "attention_mask"):
+            assert item[k].shape == (msl,)
+            assert item[k].dtype == torch.int64
+        assert torch.equal(item["input_ids"], torch.from_numpy(data[i, 0]).long())
+        assert torch.equal(item["loss_mask"], torch.from_numpy(data[i, 1]).long())
+        assert torch.equal(item["labels"], torch.from_numpy(data[i, 2]).long())
+        assert torch.equal(item["attention_mask"], 1 - torch.from_numpy(data[i, 3]).long())
+        assert item["pixel_values"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert item["pixel_values"].dtype == torch.float32
+        assert bool(item["has_image"]) == (paths[i] != "None")
+        if paths[i] == "None":
+            assert torch.count_nonzero(item["pixel_values"]) == 0
+        else:
+            assert item["pixel_values"].abs().sum() > 0
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_collate_trims_padding_but_keeps_loss(ws):
+    cfg, _ = ws
+    folder = cfg.hdf5_dir("phase2")
+    ds = LlavaHdf5Dataset(folder, cfg.image_root, IMAGE_SIZE)
+    msl = cfg.hdf5["phase2"].max_sequence_length
+    items = [ds[i] for i in range(min(8, len(ds)))]
+    batch = collate_trimmed(items)
+    lengths = [int(it["attention_mask"].nonzero().max()) + 1 for it in items]
+    length = max(lengths)
+    assert length < msl
+    b = len(items)
+    for k in ("input_ids", "loss_mask", "labels", "attention_mask"):
+        assert batch[k].shape == (b, length)
+        full = torch.stack([it[k] for it in items])
+        assert torch.equal(batch[k], full[:, :length])
+    assert batch["pixel_values"].shape == (b, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["has_image"].shape == (b,)
+    # every loss position survives; every trimmed column is padding nobody attends to
+    full_loss = torch.stack([it["loss_mask"] for it in items])
+    assert int(batch["loss_mask"].sum()) == int(full_loss.sum()) > 0
+    full_attn = torch.stack([it["attention_mask"] for it in items])
+    assert int(full_attn[:, length:].sum()) == 0
+    assert bool(batch["attention_mask"][:, -1].any())  # the last kept column is attended by someone
+    # a single example is trimmed to its own length
+    one = collate_trimmed([items[0]])
+    assert one["input_ids"].shape == (1, lengths[0])
+
+
+def test_example_rows_by_hand():
+    # ids: BOS, 2 slots, "a" "b", EOS; loss on "a" "b" EOS
+    ids, loss = [1, 0, 0, 7, 8, 2], [0, 0, 0, 1, 1, 1]
+    block = example_rows(ids, loss, msl=8, pad_id=0, image_start=1, num_patches=2, has_image=True)
+    assert block.dtype == np.int32 and block.shape == (4, 8)
+    assert block[0].tolist() == [1, 0, 0, 7, 8, 2, 0, 0]
+    assert block[2].tolist() == [0, 0, 7, 8, 2, 0, 0, 0]
+    assert block[1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]  # aligned with labels: labels 7, 8, 2
+    assert block[3].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    text = example_rows(ids, loss, msl=8, pad_id=0, image_start=1, num_patches=2, has_image=False)
+    assert text[3].tolist() == [0, 1, 1, 0, 0, 0, 1, 1]
+    full = example_rows(ids, loss, msl=6, pad_id=0, image_start=1, num_patches=2, has_image=True)
+    assert full[3].tolist() == [0] * 6
+    assert full[1].tolist() == [0, 0, 1, 1, 1, 0]
+    assert full[2].tolist() == [0, 0, 7, 8, 2, 0]
+
+
+def test_build_fails_loudly_without_input(tmp_path):
+    params = base_params(tmp_path / "ws")
+    cfg = load_config(write_params(tmp_path, params))
+    with pytest.raises(FileNotFoundError, match="run the conversion stage first"):
+        build_hdf5(cfg, "phase1")
+    with pytest.raises(KeyError, match="unknown phase 'phase3'"):
+        build_hdf5(cfg, "phase3")
