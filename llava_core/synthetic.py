@@ -26,6 +26,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 205, 20),
     "purple": (140, 40, 180),
 }
+OUTLINE_COLOR = (20, 20, 20)
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -56,6 +57,7 @@ class ShapesOptions:
     text_only_fraction: float = 0.03
     shape_fill: float = 0.875  # shape extent as a fraction of its quadrant
     jitter: int = 0  # random offset of a shape inside its quadrant, in pixels (harder when > 0)
+    outline: int = 2  # width of the dark contour around each shape, in pixels (0: none)
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -65,8 +67,8 @@ class ShapesOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.3 <= self.shape_fill <= 1.0:
             raise ValueError(f"shape_fill must be in [0.3, 1], got {self.shape_fill}")
-        if self.jitter < 0:
-            raise ValueError(f"jitter must be >= 0, got {self.jitter}")
+        if self.jitter < 0 or self.outline < 0:
+            raise ValueError(f"jitter and outline must be >= 0, got {self.jitter}, {self.outline}")
         if not 0.0 <= self.text_only_fraction < 1.0:
             raise ValueError(f"text_only_fraction must be in [0, 1), got {self.text_only_fraction}")
 
@@ -88,12 +90,13 @@ def sample_scene(rng: random.Random) -> list[PlacedShape]:
 
 
 def render_scene(
-    scene: list[PlacedShape], size: int, rng: random.Random, fill: float = 0.875, jitter: int = 0
+    scene: list[PlacedShape], size: int, rng: random.Random, fill: float = 0.875, jitter: int = 0, outline: int = 2
 ) -> Image.Image:
     """Draw the scene on a light, slightly tinted background; each shape is centred in its quadrant.
 
-    Centred shapes of one size keep each kind's outline on the same patches, which is what lets the tiny
-    preset's random, frozen vision tower tell the kinds apart; `jitter` moves them for a harder variant.
+    Centred shapes of one size with a dark outline keep each kind's contour on the same patches whatever its
+    colour, which is what lets the tiny preset's random, frozen vision tower tell the kinds apart; `jitter`
+    moves them and `outline=0` drops the contour, for harder variants.
     """
     bg = tuple(rng.randint(215, 250) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
@@ -101,6 +104,7 @@ def render_scene(
     half = size // 2
     extent = max(4, round(half * fill))
     margin = (half - extent) // 2
+    pen = {"outline": OUTLINE_COLOR, "width": outline} if outline else {}
     for item in scene:
         row, col = item.position.split()
         x0 = 0 if col == "left" else half
@@ -108,18 +112,18 @@ def render_scene(
         dx, dy = (rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) if jitter else (0, 0)
         ox = min(max(x0, x0 + margin + dx), x0 + half - extent)
         oy = min(max(y0, y0 + margin + dy), y0 + half - extent)
-        box = (ox, oy, ox + extent, oy + extent)
-        fill = COLORS[item.color]
+        color = COLORS[item.color]
+        e, t = extent, extent / 3
         if item.shape == "circle":
-            draw.ellipse(box, fill=fill)
+            draw.ellipse((ox, oy, ox + e, oy + e), fill=color, **pen)
         elif item.shape == "square":
-            draw.rectangle(box, fill=fill)
+            draw.rectangle((ox, oy, ox + e, oy + e), fill=color, **pen)
         elif item.shape == "triangle":
-            draw.polygon([(ox + extent / 2, oy), (ox, oy + extent), (ox + extent, oy + extent)], fill=fill)
-        else:  # cross: two bars a third of the extent wide
-            t = extent / 3
-            draw.rectangle((ox + t, oy, ox + 2 * t, oy + extent), fill=fill)
-            draw.rectangle((ox, oy + t, ox + extent, oy + 2 * t), fill=fill)
+            draw.polygon([(ox + e / 2, oy), (ox, oy + e), (ox + e, oy + e)], fill=color, **pen)
+        else:  # cross: a plus sign with arms a third of the extent wide
+            pts = [(t, 0), (2 * t, 0), (2 * t, t), (e, t), (e, 2 * t), (2 * t, 2 * t), (2 * t, e), (t, e),
+                   (t, 2 * t), (0, 2 * t), (0, t), (t, t)]
+            draw.polygon([(ox + x, oy + y) for x, y in pts], fill=color, **pen)
     return img
 
 
@@ -158,7 +162,7 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     for i in range(options.num_pretrain):
         scene = sample_scene(rng)
         rel = f"images/pt_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter), folder, rel)
+        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline), folder, rel)
         pretrain.append(
             {
                 "id": f"pt_{i:06d}",
@@ -180,7 +184,7 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
             continue
         scene = sample_scene(rng)
         rel = f"images/it_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter), folder, rel)
+        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline), folder, rel)
         qas = questions_for(scene, rng)
         rng.shuffle(qas)
         turns = qas[: rng.randint(1, 3)]
@@ -199,7 +203,7 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     for i in range(options.num_eval_images):
         scene = sample_scene(rng)
         rel = f"eval_images/ev_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter), folder, rel)
+        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline), folder, rel)
         for category, q, a in questions_for(scene, rng):
             eval_lines.append({"question_id": qid, "image": rel, "text": q, "answers": [a], "category": category})
             qid += 1

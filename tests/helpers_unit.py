@@ -74,3 +74,15 @@ def conv(*turns: str, image: bool = True) -> list[dict]:
             value = "<image>\n" + value
         out.append({"from": "human" if k % 2 == 0 else "gpt", "value": value})
     return out
+
+
+def loss_runs(mask) -> list[tuple[int, int]]:
+    """Contiguous [start, end) runs of loss_mask == 1."""
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs

@@ -115,8 +115,8 @@ def test_unknown_metric(tmp_path, params):
 
 
 def test_unknown_default_metric(tmp_path, params):
-    params["eval"]["default_metric"] = "anls"
-    with pytest.raises(ConfigError, match=r"eval\.metrics\.<default>: unknown metric 'anls'"):
+    params["eval"]["default_metric"] = "bleu"
+    with pytest.raises(ConfigError, match=r"eval\.metrics\.<default>: unknown metric 'bleu'"):
         load(tmp_path, params)
 
 

@@ -57,7 +57,9 @@ def test_materialize_default_pipeline_learns(tmp_path):
     from llava_core.config import load_config
 
     cfg = load_config(params)
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
         result = dg.materialize(
             build_assets(cfg), instance=instance, resources={"settings": PipelineSettings(params_path=str(params))}
         )

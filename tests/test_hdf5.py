@@ -16,7 +16,7 @@ from llava_core.config import PRESETS, load_config
 from llava_core.convert import convert
 from llava_core.hdf5 import LlavaHdf5Dataset, build_hdf5, collate_trimmed, example_rows
 from llava_core.sources import download
-from tests.helpers_unit import TINY_TOKENIZER, base_params, write_params, write_png, write_truncated_png
+from tests.helpers_unit import TINY_TOKENIZER, base_params, loss_runs, write_params, write_png, write_truncated_png
 
 PHASES = ("phase1", "phase2")
 _VISION = PRESETS["tiny"]()["model"]["vision_config"]
@@ -122,17 +122,6 @@ def jsonl_records(params) -> list[dict]:
     for p in params["settings"]["inputs"]:
         recs += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
     return recs
-
-
-def loss_runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    runs, start = [], None
-    for i, m in enumerate(list(mask) + [0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 def answers_of(rec: dict, phase: str) -> list[str]:

@@ -12,7 +12,7 @@ from llava_core.prompts import (
     encode_conversation,
 )
 from llava_core.tokenizer import load_tokenizer
-from tests.helpers_unit import conv
+from tests.helpers_unit import conv, loss_runs
 
 P = 16  # image slots used throughout
 
@@ -28,18 +28,6 @@ def ids_of(tok, text):
 
 def dec(tok, ids):
     return tok.decode(ids, skip_special_tokens=False)
-
-
-def loss_runs(mask):
-    """Contiguous [start, end) runs of loss_mask == 1."""
-    runs, start = [], None
-    for i, m in enumerate(list(mask) + [0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
 
 
 THREE_TURNS = conv(
