@@ -1,4 +1,4 @@
-"""Stage 5 assets: `hf_model` (the phase-2 checkpoint converted to Hugging Face) and `eval_report`."""
+"""Stage 5b asset: `eval_report` (reports/eval.json), with a metrics table per task as metadata."""
 
 from __future__ import annotations
 
@@ -6,30 +6,11 @@ import dagster as dg
 
 from assets.download import raw_key
 from assets.resources import PipelineSettings
-from assets.train import checkpoint_key
-from llava_core.checkpoint import export_hf
 from llava_core.config import PipelineConfig
 from llava_core.evaluate import evaluate
 
 
 def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
-    @dg.asset(
-        key=dg.AssetKey("hf_model"),
-        deps=[checkpoint_key("phase2")],
-        group_name="export",
-        kinds={"huggingface"},
-        description="LlavaForConditionalGeneration + processor in models/hf/.",
-    )
-    def hf_model(settings: PipelineSettings) -> dg.MaterializeResult:
-        r = export_hf(settings.load())
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(r.path)),
-                "parameters": r.parameters,
-                "image_token_id": r.image_token_id,
-            }
-        )
-
     eval_source = cfg.eval.questions.split("/")[0]
     deps = [dg.AssetKey("hf_model")] + ([raw_key(eval_source)] if eval_source in cfg.sources else [])
 
@@ -42,20 +23,38 @@ def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
     )
     def eval_report(settings: PipelineSettings) -> dg.MaterializeResult:
         r = evaluate(settings.load())
-        rows = [
-            {"category": c, "metric": m["metric"], "n": m["n"], "accuracy": round(m["accuracy"], 4)}
-            for c, m in r.report["by_category"].items()
-        ]
-        meta = {
-            "path": dg.MetadataValue.path(str(r.report_path)),
-            "overall_accuracy": r.report["overall_accuracy"],
-            "by_category": dg.MetadataValue.md(_table(rows)),
-        }
-        for c, m in r.report["by_category"].items():
-            meta[f"accuracy/{c}"] = m["accuracy"]
-        return dg.MaterializeResult(metadata=meta)
+        return dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))
 
-    return [hf_model, eval_report]
+    return [eval_report]
+
+
+METRIC_TABLE = dg.TableSchema(columns=[dg.TableColumn("metric", "string"), dg.TableColumn("value", "float")])
+
+
+def report_metadata(report: dict, path: str) -> dict:
+    """Overview table, one metrics table per task (`metrics/<task>`), the headline numbers as floats."""
+    by = report["by_category"]
+    rows = [
+        {"category": c, "metric": m["metric"], "n": m["n"], "accuracy": round(m["accuracy"], 4)} for c, m in by.items()
+    ]
+    meta: dict = {
+        "path": dg.MetadataValue.path(path),
+        "num_questions": report["num_questions"],
+        "overall_accuracy": report["overall_accuracy"],
+        "by_category": dg.MetadataValue.md(_table(rows)),
+    }
+    for c, m in by.items():
+        values = {k: v for k, v in m.items() if k not in ("metric", "n") and isinstance(v, (int, float))}
+        meta[f"metrics/{c}"] = dg.MetadataValue.table(
+            records=[dg.TableRecord({"metric": f"{m['metric']}.{k}", "value": float(v)}) for k, v in values.items()],
+            schema=METRIC_TABLE,
+        )
+        meta[f"accuracy/{c}"] = m["accuracy"]
+    judge = report.get("judge")
+    if judge:
+        meta["judge/relative_score"] = judge["overall"]["relative_score"]
+        meta["judge/model"] = judge["model"]
+    return meta
 
 
 def _table(rows: list[dict]) -> str:

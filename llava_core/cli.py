@@ -5,7 +5,12 @@ llava-pipeline convert <dataset>
 llava-pipeline hdf5 <phase>
 llava-pipeline train <phase>
 llava-pipeline export
+llava-pipeline export-llava   # checkpoints/phase2 -> models/llava (original LLaVA repository layout)
 llava-pipeline evaluate
+llava-pipeline judge          # judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json
+llava-pipeline publish        # upload models/<hf|llava> to S3 (publish section)
+llava-pipeline import-hf <hf folder> [--out DIR]   # Hugging Face LLaVA -> training-format checkpoint
+llava-pipeline predict --model DIR --image IMG --prompt TEXT   # any checkpoint format
 llava-pipeline all            # every stage in order, then print the eval report
 """
 
@@ -18,7 +23,7 @@ import time
 from pathlib import Path
 
 from llava_core import pipeline
-from llava_core.config import ConfigError, load_config
+from llava_core.config import PROMPT_SUFFIXES, ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +37,37 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("phase")
     t.add_argument("--num-processes", type=int, default=None)
     sub.add_parser("export", help="stage 5a: checkpoints/phase2 -> models/hf")
+    sub.add_parser("export-llava", help="stage 5a: checkpoints/phase2 -> models/llava (original LLaVA layout)")
     sub.add_parser("evaluate", help="stage 5b: answer the held-out questions -> reports/eval.json")
+    sub.add_parser("judge", help="judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json")
+    sub.add_parser("publish", help="upload the converted models to S3 (the publish section)")
+    imp = sub.add_parser("import-hf", help="a Hugging Face LLaVA folder -> a training-format checkpoint")
+    imp.add_argument("hf_dir", type=Path)
+    imp.add_argument("--out", type=Path, default=None, help="default: <checkpoints>/imported")
+    imp.add_argument("--prompt-style", default="vicuna_v1", help="sets the image_patch_start_idx recorded")
+    pr = sub.add_parser("predict", help="image + prompt -> answer, from a training, HF or original-LLaVA folder")
+    pr.add_argument("--model", type=Path, required=True, help="checkpoints/phase2, models/hf or models/llava")
+    pr.add_argument("--image", type=Path, required=True)
+    pr.add_argument("--prompt", required=True)
+    pr.add_argument("--max-new-tokens", type=int, default=64)
+    pr.add_argument("--prompt-style", default=None, help="default: the one recorded with the model, else vicuna_v1")
+    pr.add_argument("--suffix", default="none", choices=sorted(PROMPT_SUFFIXES), help="evaluation suffix to append")
     sub.add_parser("all", help="run every stage in order and print the eval report")
     args = ap.parse_args(argv)
 
+    if args.stage == "predict":  # needs no params file
+        from llava_core.predict import predict
+
+        r = predict(
+            args.model,
+            args.image,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            prompt_style=args.prompt_style,
+            suffix=args.suffix,
+        )
+        print(json.dumps({"answer": r.answer, "format": r.format, "prompt": r.prompt}, indent=2))
+        return 0
     try:
         cfg = load_config(args.params)
     except ConfigError as e:
@@ -52,15 +84,36 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline.run_train(cfg, args.phase, num_processes=args.num_processes)
     elif args.stage == "export":
         result = pipeline.run_export(cfg)
+    elif args.stage == "export-llava":
+        result = pipeline.run_export_llava(cfg)
     elif args.stage == "evaluate":
-        result = pipeline.run_evaluate(cfg)
+        result = _clean_judge_error(pipeline.run_evaluate, cfg)
+    elif args.stage == "judge":
+        result = _clean_judge_error(pipeline.run_judge, cfg)
+    elif args.stage == "publish":
+        result = pipeline.run_publish(cfg)
+    elif args.stage == "import-hf":
+        result = pipeline.run_import_hf(cfg, args.hf_dir, args.out, args.prompt_style)
     else:
         result = pipeline.run_all(cfg)
         print(json.dumps(result["eval"], indent=2))
         print(f"pipeline finished in {time.perf_counter() - t0:.1f} s")
         return 0
+    if result is None:
+        return 1
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _clean_judge_error(run, cfg):
+    """A failing judge endpoint is one clear line (the answers are already on disk), not a traceback."""
+    from llava_core.judge import JudgeError
+
+    try:
+        return run(cfg)
+    except JudgeError as e:
+        print(f"error: judge review failed: {e}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

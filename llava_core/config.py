@@ -144,6 +144,29 @@ class Preset:
     train: dict[str, TrainPhaseConfig]
 
 
+# The evaluation prompt suffixes of REFERENCE.md section 8, by the names `eval.suffixes` and questions use.
+PROMPT_SUFFIXES: dict[str, str] = {
+    "short_answer": "Answer the question using a single word or phrase.",
+    "multiple_choice": "Answer with the option's letter from the given choices directly.",
+    "none": "",
+}
+
+
+@dataclass
+class JudgeConfig:
+    """A judge model behind an OpenAI-compatible endpoint (POST {base_url}/chat/completions), LLaVA-Bench style."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"  # the variable holding the key; null for a keyless local server
+    categories: list[str] = field(default_factory=list)  # question categories to review; empty: all
+    temperature: float = 0.2
+    max_tokens: int = 1024
+    timeout_s: float = 60.0
+    max_retries: int = 2  # extra attempts after a connection error, 429 or 5xx
+    retry_wait_s: float = 2.0
+
+
 @dataclass
 class EvalConfig:
     questions: str  # relative to the raw folder
@@ -151,95 +174,93 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 16
     prompt_style: str = "vicuna_v1"
-    prompt_suffix: str = "Answer the question using a single word or phrase."
+    prompt_suffix: str = "Answer the question using a single word or phrase."  # categories not in `suffixes`
     metrics: dict[str, str] = field(default_factory=dict)  # category -> metric name
     default_metric: str = "exact_match"
+    suffixes: dict[str, str] = field(default_factory=dict)  # category -> a PROMPT_SUFFIXES name
+    judge: JudgeConfig | None = None  # optional judge review of the answers
+
+    def __post_init__(self) -> None:
+        if isinstance(self.judge, dict):
+            self.judge = _from_dict(JudgeConfig, self.judge, "eval.judge")
+
+
+@dataclass
+class PublishConfig:
+    """Optional upload of converted models to S3 (credentials from the environment, as boto3 finds them)."""
+
+    bucket: str
+    prefix: str = "llava-pipeline"
+    endpoint_url: str | None = None  # e.g. a MinIO or moto server; None: AWS
+    region: str | None = None
+    models: list[str] = field(default_factory=lambda: ["hf"])  # folders under models/: hf, llava
+
+
+# What the recipe fixes per phase (REFERENCE.md section 2); presets add only numbers and paths.
+RECIPE_FREEZE = {"phase1": ["^image_model", "^text_model"], "phase2": ["^image_model"]}
+RECIPE_STYLE = {"phase1": "plain", "phase2": "vicuna_v1"}
+
+
+def _preset(model: dict, msl: dict[str, int], train: dict[str, dict], **train_common) -> dict:
+    return {
+        "model": model,
+        "hdf5": {p: {"prompt_style": RECIPE_STYLE[p], "max_sequence_length": msl[p]} for p in PHASES},
+        "train": {p: {**train_common, **train[p], "freeze": RECIPE_FREEZE[p]} for p in PHASES},
+    }
 
 
 def _preset_tiny() -> dict:
-    return {
-        "model": {
-            "vision_config": {
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 3,
-                "num_attention_heads": 4,
-                "image_size": 32,
-                "patch_size": 4,
-                "hidden_act": "quick_gelu",
-                "projection_dim": 64,
-            },
-            "text_config": {
-                "hidden_size": 128,
-                "intermediate_size": 344,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 4,
-                "max_position_embeddings": 256,
-                "rms_norm_eps": 1e-5,
-                "tie_word_embeddings": False,
-            },
-            "tokenizer": str(RESOURCES / "tiny_tokenizer"),
-            "image_size": 32,
-        },
-        "hdf5": {
-            "phase1": {"prompt_style": "plain", "max_sequence_length": 112},
-            "phase2": {"prompt_style": "vicuna_v1", "max_sequence_length": 288},
-        },
-        "train": {
-            "phase1": {
-                "epochs": 1,
-                "global_batch_size": 32,
-                "micro_batch_size": 32,
-                "learning_rate": 1e-3,
-                "freeze": ["^image_model", "^text_model"],
-            },
-            "phase2": {
-                "epochs": 3,
-                "global_batch_size": 32,
-                "micro_batch_size": 32,
-                "learning_rate": 1e-3,
-                "freeze": ["^image_model"],
-            },
-        },
+    """CPU-sized: a 32 px CLIP tower and a 4-layer Llama built from configs, the tokenizer shipped here."""
+    vision = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 4,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 64,
     }
+    text = {
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+    model = {
+        "vision_config": vision,
+        "text_config": text,
+        "tokenizer": str(RESOURCES / "tiny_tokenizer"),
+        "image_size": 32,
+    }
+    batch = {"global_batch_size": 32, "micro_batch_size": 32, "learning_rate": 1e-3}
+    return _preset(
+        model, {"phase1": 112, "phase2": 288}, {"phase1": {"epochs": 1, **batch}, "phase2": {"epochs": 3, **batch}}
+    )
 
 
 def _preset_llava15(size: str) -> dict:
-    """LLaVA-1.5 recipe numbers (REFERENCE.md section 2): CLIP ViT-L/14-336 + Vicuna-v1.5."""
-    gpu = "configs/accelerate/multi_gpu.yaml"
-    return {
-        "model": {
-            "vision_pretrained": "openai/clip-vit-large-patch14-336",
-            "text_pretrained": f"lmsys/vicuna-{size}-v1.5",
-            "tokenizer": f"lmsys/vicuna-{size}-v1.5",
-            "image_size": 336,
-        },
-        "hdf5": {
-            "phase1": {"prompt_style": "plain", "max_sequence_length": 2048},
-            "phase2": {"prompt_style": "vicuna_v1", "max_sequence_length": 2048},
-        },
-        "train": {
-            "phase1": {
-                "epochs": 1,
-                "global_batch_size": 256,
-                "micro_batch_size": 32,
-                "learning_rate": 1e-3,
-                "freeze": ["^image_model", "^text_model"],
-                "mixed_precision": "bf16",
-                "accelerate_config": gpu,
-            },
-            "phase2": {
-                "epochs": 1,
-                "global_batch_size": 128,
-                "micro_batch_size": 16,
-                "learning_rate": 2e-5,
-                "freeze": ["^image_model"],
-                "mixed_precision": "bf16",
-                "accelerate_config": gpu,
-            },
-        },
+    """LLaVA-1.5 recipe numbers (REFERENCE.md section 2): CLIP ViT-L/14-336 + Vicuna-v1.5, bf16, 8 GPUs."""
+    model = {
+        "vision_pretrained": "openai/clip-vit-large-patch14-336",
+        "text_pretrained": f"lmsys/vicuna-{size}-v1.5",
+        "tokenizer": f"lmsys/vicuna-{size}-v1.5",
+        "image_size": 336,
     }
+    return _preset(
+        model,
+        {"phase1": 2048, "phase2": 2048},
+        {
+            "phase1": {"epochs": 1, "global_batch_size": 256, "micro_batch_size": 32, "learning_rate": 1e-3},
+            "phase2": {"epochs": 1, "global_batch_size": 128, "micro_batch_size": 16, "learning_rate": 2e-5},
+        },
+        mixed_precision="bf16",
+        accelerate_config="configs/accelerate/multi_gpu.yaml",
+    )
 
 
 PRESETS = {
@@ -261,6 +282,7 @@ class PipelineConfig:
     eval: EvalConfig
     seed: int = 0
     base_dir: Path = Path(".")
+    publish: PublishConfig | None = None
 
     # --- paths -------------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -351,6 +373,13 @@ class PipelineConfig:
         for cat, metric in {**self.eval.metrics, "<default>": self.eval.default_metric}.items():
             if metric not in METRICS:
                 raise ConfigError(f"eval.metrics.{cat}: unknown metric {metric!r}; valid: {sorted(METRICS)}")
+        for cat, name in self.eval.suffixes.items():
+            if name not in PROMPT_SUFFIXES:
+                raise ConfigError(f"eval.suffixes.{cat}: unknown suffix {name!r}; valid: {sorted(PROMPT_SUFFIXES)}")
+        if self.publish is not None:
+            bad = sorted(set(self.publish.models) - {"hf", "llava"})
+            if bad:
+                raise ConfigError(f"publish.models: unknown model folder(s) {bad}; valid: ['hf', 'llava']")
         check_style(self.eval.prompt_style)
         m = self.model
         if (m.vision_pretrained is None) == (m.vision_config is None):
@@ -359,7 +388,7 @@ class PipelineConfig:
             raise ConfigError("model: set exactly one of text_pretrained and text_config")
 
 
-TOP_KEYS = ("preset", "seed", "workspace", "model", "sources", "datasets", "hdf5", "train", "eval")
+TOP_KEYS = ("preset", "seed", "workspace", "model", "sources", "datasets", "hdf5", "train", "eval", "publish")
 
 
 def load_config(params_path: str | Path, overrides: dict | None = None) -> PipelineConfig:
@@ -398,6 +427,7 @@ def config_from_dict(raw: dict, base_dir: Path) -> PipelineConfig:
         train={k: _from_dict(TrainPhaseConfig, v, f"train.{k}") for k, v in merged["train"].items()},
         eval=_from_dict(EvalConfig, raw["eval"], "eval"),
         base_dir=base_dir,
+        publish=_from_dict(PublishConfig, raw["publish"], "publish") if raw.get("publish") else None,
     )
     cfg.validate()
     return cfg

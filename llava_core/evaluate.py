@@ -1,9 +1,13 @@
 """Stage 5b, evaluation: batched greedy answers from the converted HF model, scored per question category.
 
-Input is a LLaVA `model_vqa`-style question file (question_id, image, text, answers, category). Prompts are
-built by `prompts.encode_conversation` (the same code that built the training data), with the image slots
-set to the `<image>` token that `LlavaForConditionalGeneration` fills. Output: `reports/answers.jsonl` and
-`reports/eval.json` (metrics per category: exact match, VQA accuracy or POPE).
+Input is a LLaVA `model_vqa`-style question file (question_id, image, text, answers, and a `category` or `task`
+that picks the metric in `eval.metrics`). Each question gets an evaluation suffix (REFERENCE.md section 8):
+the question's own `suffix` (a `PROMPT_SUFFIXES` name), else `eval.suffixes[category]`, else
+`eval.prompt_suffix`; a text that already ends with it is left alone. Prompts are built by
+`prompts.encode_conversation` (the code that built the training data), with the image slots set to the `<image>`
+token that `LlavaForConditionalGeneration` fills, left-padded into batches and decoded greedily.
+Output: `reports/answers.jsonl` (written first, kept whatever happens later) and `reports/eval.json` (metrics per
+category and, when `eval.judge` is set, the judge review; `reports/reviews.jsonl` holds each review).
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from llava_core.config import PipelineConfig, write_json_atomic
+from llava_core.config import PROMPT_SUFFIXES, EvalConfig, PipelineConfig, write_json_atomic
 from llava_core.images import check_image, clip_transform, load_rgb
 from llava_core.metrics import METRICS
 from llava_core.prompts import encode_conversation
+
+ANSWERS = "answers.jsonl"
+REPORT = "eval.json"
+REVIEWS = "reviews.jsonl"
 
 
 @dataclass
@@ -41,31 +50,59 @@ def load_questions(path: Path) -> list[dict]:
             missing = [k for k in ("question_id", "image", "text", "answers") if k not in q]
             if missing:
                 raise ValueError(f"{path}:{n}: question lacks {missing}")
+            if "suffix" in q and q["suffix"] not in PROMPT_SUFFIXES:
+                raise ValueError(f"{path}:{n}: unknown suffix {q['suffix']!r}; valid: {sorted(PROMPT_SUFFIXES)}")
             questions.append(q)
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
 
 
+def question_category(q: dict) -> str:
+    """The group a question is scored in: its `category`, else its `task`, else "default"."""
+    return q.get("category") or q.get("task") or "default"
+
+
+def question_suffix(q: dict, ec: EvalConfig) -> str:
+    if q.get("suffix") is not None:
+        return PROMPT_SUFFIXES[q["suffix"]]
+    cat = question_category(q)
+    if cat in ec.suffixes:
+        return PROMPT_SUFFIXES[ec.suffixes[cat]]
+    return ec.prompt_suffix
+
+
+def with_suffix(text: str, suffix: str) -> str:
+    """The question followed by the suffix on its own line (as LLaVA's eval files are written), once."""
+    if not suffix or text.rstrip().endswith(suffix):
+        return text
+    return f"{text}\n{suffix}"
+
+
 @torch.no_grad()
-def generate_answers(
-    hf_model, tokenizer, questions: list[dict], image_folder: Path, cfg: PipelineConfig, image_token_id: int
+def generate(
+    hf_model,
+    tokenizer,
+    prompts: list[str],
+    images: list[Image.Image],
+    *,
+    prompt_style: str,
+    image_token_id: int,
+    batch_size: int,
+    max_new_tokens: int,
 ) -> list[str]:
-    """Greedy answers, batched with left padding."""
-    ec = cfg.eval
+    """Greedy answers to (prompt, image) pairs, batched with left padding."""
     size = hf_model.config.vision_config.image_size
     num_patches = hf_model.config.image_seq_length
-    pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     answers: list[str] = []
-    for start in range(0, len(questions), ec.batch_size):
-        batch = questions[start : start + ec.batch_size]
+    for start in range(0, len(prompts), batch_size):
         seqs, pixels = [], []
-        for q in batch:
-            text = q["text"] + (f"\n{ec.prompt_suffix}" if ec.prompt_suffix else "")
+        for text, image in zip(prompts[start : start + batch_size], images[start : start + batch_size], strict=True):
             enc = encode_conversation(
                 [{"from": "human", "value": f"<image>\n{text}"}],
                 tokenizer,
-                ec.prompt_style,
+                prompt_style,
                 num_patches,
                 pad,
                 for_generation=True,
@@ -73,15 +110,16 @@ def generate_answers(
             ids = list(enc.input_ids)
             ids[enc.image_start : enc.image_start + num_patches] = [image_token_id] * num_patches
             seqs.append(ids)
-            pixels.append(clip_transform(load_rgb(check_image(image_folder, q["image"])), size))
+            pixels.append(clip_transform(image, size))
         width = max(len(s) for s in seqs)
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])  # (B, T), left padded
         attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        dtype = next(hf_model.parameters()).dtype
         out = hf_model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            pixel_values=torch.stack(pixels),
-            max_new_tokens=ec.max_new_tokens,
+            pixel_values=torch.stack(pixels).to(dtype),
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
             eos_token_id=tokenizer.eos_token_id,
@@ -92,10 +130,30 @@ def generate_answers(
     return answers
 
 
+def generate_answers(
+    hf_model, tokenizer, questions: list[dict], image_folder: Path, cfg: PipelineConfig, image_token_id: int
+) -> list[str]:
+    """Greedy answers to the questions, each with its evaluation suffix."""
+    ec = cfg.eval
+    prompts = [with_suffix(q["text"], question_suffix(q, ec)) for q in questions]
+    images = [load_rgb(check_image(image_folder, q["image"])) for q in questions]
+    return generate(
+        hf_model,
+        tokenizer,
+        prompts,
+        images,
+        prompt_style=ec.prompt_style,
+        image_token_id=image_token_id,
+        batch_size=ec.batch_size,
+        max_new_tokens=ec.max_new_tokens,
+    )
+
+
 def score(questions: list[dict], preds: list[str], cfg: PipelineConfig) -> dict:
+    """Metrics per category (the metric `eval.metrics` names for it, else `eval.default_metric`)."""
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, q in enumerate(questions):
-        by_cat[q.get("category", "default")].append(i)
+        by_cat[question_category(q)].append(i)
     report: dict = {"num_questions": len(questions), "by_category": {}}
     weighted = 0.0
     for cat, idx in sorted(by_cat.items()):
@@ -107,8 +165,59 @@ def score(questions: list[dict], preds: list[str], cfg: PipelineConfig) -> dict:
     return report
 
 
+def answer_records(questions: list[dict], preds: list[str], prompts: list[str], model_id: str) -> list[dict]:
+    return [
+        {
+            "question_id": q["question_id"],
+            "image": q["image"],
+            "prompt": prompt,
+            "text": p,
+            "answers": q["answers"],
+            "category": question_category(q),
+            "model_id": model_id,
+            **({"context": q["context"]} if "context" in q else {}),
+        }
+        for q, p, prompt in zip(questions, preds, prompts, strict=True)
+    ]
+
+
+def write_answers(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+
+
+def read_answers(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the evaluation first")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def finish_report(cfg: PipelineConfig, records: list[dict], model_dir: Path) -> EvalResult:
+    """Score the answer records, run the judge review when configured, write `reports/eval.json`."""
+    reports = cfg.path("reports")
+    report = score(records, [r["text"] for r in records], cfg)
+    report["model"] = str(model_dir)
+    report["questions"] = cfg.eval.questions
+    if cfg.eval.judge is not None:
+        from llava_core.judge import JudgeClient, review_answers
+
+        jc = cfg.eval.judge
+        report["judge"] = review_answers(records, JudgeClient.from_config(jc), reports / REVIEWS, jc.categories)
+    report_path = reports / REPORT
+    write_json_atomic(report_path, report)
+    return EvalResult(report_path, reports / ANSWERS, report)
+
+
 def evaluate(cfg: PipelineConfig) -> EvalResult:
-    """Answer the held-out questions with `models/hf` and write `reports/answers.jsonl` + `reports/eval.json`."""
+    """Answer the held-out questions with `models/hf` and write `reports/answers.jsonl` + `reports/eval.json`.
+
+    The answers are written before the (optional) judge review, so a failing judge endpoint keeps them;
+    `judge_answers` then reviews them without generating again.
+    """
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     model_dir = cfg.path("models") / "hf"
@@ -122,28 +231,15 @@ def evaluate(cfg: PipelineConfig) -> EvalResult:
     preds = generate_answers(
         model, tokenizer, questions, cfg.image_root / cfg.eval.image_folder, cfg, info["image_token_id"]
     )
-    reports = cfg.path("reports")
-    reports.mkdir(parents=True, exist_ok=True)
-    answers_path = reports / "answers.jsonl"
-    tmp = answers_path.with_name(f".{answers_path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for q, p in zip(questions, preds, strict=True):
-            f.write(
-                json.dumps(
-                    {
-                        "question_id": q["question_id"],
-                        "prompt": q["text"],
-                        "text": p,
-                        "answers": q["answers"],
-                        "category": q.get("category"),
-                    }
-                )
-                + "\n"
-            )
-    tmp.replace(answers_path)
-    report = score(questions, preds, cfg)
-    report["model"] = str(model_dir)
-    report["questions"] = cfg.eval.questions
-    report_path = reports / "eval.json"
-    write_json_atomic(report_path, report)
-    return EvalResult(report_path, answers_path, report)
+    prompts = [with_suffix(q["text"], question_suffix(q, cfg.eval)) for q in questions]
+    records = answer_records(questions, preds, prompts, str(model_dir))
+    write_answers(cfg.path("reports") / ANSWERS, records)
+    return finish_report(cfg, records, model_dir)
+
+
+def judge_answers(cfg: PipelineConfig) -> EvalResult:
+    """Review the existing `reports/answers.jsonl` with the judge (no generation) and rewrite `reports/eval.json`."""
+    if cfg.eval.judge is None:
+        raise ValueError("eval.judge is not set in the params file: no judge endpoint to review the answers with")
+    records = read_answers(cfg.path("reports") / ANSWERS)
+    return finish_report(cfg, records, Path(records[0].get("model_id", "")) if records else Path(""))

@@ -1,8 +1,8 @@
 """The stages in order, each returning a JSON-ready summary: shared by the CLI and `dvc.yaml`.
 
 Dagster assets call the same stage functions (`sources.download`, `convert.convert`, `hdf5.build_hdf5`,
-`train.train`, `checkpoint.export_hf`, `evaluate.evaluate`) directly; this module adds only the plain
-summaries and `run_all`, the order of the whole chain.
+`train.train`, `checkpoint.export_hf`, `checkpoint.export_llava`, `evaluate.evaluate`, `publish.publish`)
+directly; this module adds only the plain summaries and `run_all`, the order of the whole chain.
 """
 
 from __future__ import annotations
@@ -51,10 +51,35 @@ def run_export(cfg: PipelineConfig) -> dict:
     return _plain(export_hf(cfg))
 
 
+def run_export_llava(cfg: PipelineConfig) -> dict:
+    from llava_core.checkpoint import export_llava
+
+    return _plain(export_llava(cfg))
+
+
+def run_import_hf(cfg: PipelineConfig, hf_dir, out=None, prompt_style: str = "vicuna_v1") -> dict:
+    """A Hugging Face LLaVA folder -> a training-format checkpoint (default `<checkpoints>/imported`)."""
+    from llava_core.checkpoint import import_hf
+
+    return _plain(import_hf(hf_dir, out or cfg.path("checkpoints") / "imported", prompt_style))
+
+
 def run_evaluate(cfg: PipelineConfig) -> dict:
     from llava_core.evaluate import evaluate
 
     return evaluate(cfg).report
+
+
+def run_judge(cfg: PipelineConfig) -> dict:
+    from llava_core.evaluate import judge_answers
+
+    return judge_answers(cfg).report
+
+
+def run_publish(cfg: PipelineConfig) -> dict:
+    from llava_core.publish import publish
+
+    return _plain(publish(cfg))
 
 
 def run_all(cfg: PipelineConfig, log=print) -> dict:
@@ -73,5 +98,6 @@ def run_all(cfg: PipelineConfig, log=print) -> dict:
     out["hdf5"] = {p: timed(f"hdf5 {p}", run_hdf5, p) for p in PHASES}
     out["train"] = {p: timed(f"train {p}", run_train, p) for p in PHASES}
     out["export"] = timed("export", run_export)
+    out["export_llava"] = timed("export-llava", run_export_llava)
     out["eval"] = timed("evaluate", run_evaluate)
     return out

@@ -133,17 +133,25 @@ def caption(scene: list[PlacedShape]) -> str:
 
 
 def questions_for(scene: list[PlacedShape], rng: random.Random) -> list[tuple[str, str, str]]:
-    """All question kinds for a scene as (category, question, answer); `exists` gives one yes and one no."""
+    """All question kinds for a scene as (category, question, answer).
+
+    The two POPE-style kinds each give one yes and one no per scene: `exists` asks for a shape kind,
+    `color_exists` for a shape of a colour.
+    """
     target = rng.choice(scene)
     absent = rng.choice([s for s in SHAPES if s not in {p.shape for p in scene}])
     present = rng.choice(scene).shape
     located = rng.choice(scene)
+    present_color = rng.choice(scene).color
+    absent_color = rng.choice([c for c in COLORS if c not in {p.color for p in scene}])
     return [
         ("color", f"What color is the {target.shape}?", target.color),
         ("count", "How many shapes are there in the image?", str(len(scene))),
         ("exists", f"Is there a {present} in the image?", "yes"),
         ("exists", f"Is there a {absent} in the image?", "no"),
         ("position", f"Where is the {located.shape}?", located.position),
+        ("color_exists", f"Is there a {present_color} shape in the image?", "yes"),
+        ("color_exists", f"Is there a {absent_color} shape in the image?", "no"),
     ]
 
 

@@ -11,6 +11,7 @@ import dagster as dg
 from assets.convert import build_convert_assets
 from assets.download import build_download_assets
 from assets.evaluate import build_evaluate_assets
+from assets.export import build_export_assets
 from assets.hdf5 import build_hdf5_assets
 from assets.resources import PipelineSettings, default_params_path
 from assets.train import build_train_assets
@@ -23,6 +24,7 @@ def build_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         *build_convert_assets(cfg),
         *build_hdf5_assets(cfg),
         *build_train_assets(),
+        *build_export_assets(cfg),
         *build_evaluate_assets(cfg),
     ]
 

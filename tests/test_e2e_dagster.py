@@ -28,6 +28,7 @@ EXPECTED_ASSETS = {
     "checkpoint_phase1",
     "checkpoint_phase2",
     "hf_model",
+    "llava_model",
     "eval_report",
 }
 

@@ -22,6 +22,7 @@ STAGES = {
     "train_phase1",
     "train_phase2",
     "export_hf",
+    "export_llava",
     "evaluate",
 }
 

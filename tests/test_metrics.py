@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from llava_core.metrics import METRICS, exact_match, normalize_answer, pope_metrics, vqa_accuracy, yes_no
+from llava_core.metrics import (
+    METRICS,
+    anls,
+    choice_letter,
+    exact_match,
+    levenshtein,
+    mc_accuracy,
+    normalize_answer,
+    pope_metrics,
+    relaxed_match,
+    vqa_accuracy,
+    yes_no,
+)
 
 
 @pytest.mark.parametrize(
@@ -124,10 +136,108 @@ def test_pope_metrics_length_mismatch():
 
 
 def test_metric_registry():
-    assert set(METRICS) == {"exact_match", "vqa_accuracy", "pope"}
+    assert set(METRICS) == {"exact_match", "vqa_accuracy", "anls", "relaxed_accuracy", "mc_accuracy", "pope"}
+    # every metric has the headline `accuracy` the report averages
+    assert METRICS["anls"](["helo", "x"], [["hello"], ["x"]]) == pytest.approx({"accuracy": 0.9, "anls": 0.9})
+    assert METRICS["relaxed_accuracy"](["104", "96", "90"], [["100"], ["100"], ["100"]]) == pytest.approx(
+        {"accuracy": 2 / 3}
+    )
+    assert METRICS["mc_accuracy"](["A", "no idea"], [["A"], ["B"]]) == pytest.approx({"accuracy": 0.5, "unparsed": 0.5})
     assert METRICS["exact_match"](["red", "Two", "x"], [["red"], ["2"], ["y"]]) == {"accuracy": pytest.approx(2 / 3)}
     assert METRICS["vqa_accuracy"](["cat"], [["cat", "dog", "dog"]]) == {"accuracy": pytest.approx(1 / 3)}
     assert METRICS["exact_match"]([], []) == {"accuracy": 0.0}
     pope = METRICS["pope"](["yes", "no"], [["yes"], ["yes"]])
     # TP=1 FN=1: accuracy 0.5, precision 1, recall 0.5, f1 2/3, yes_ratio 0.5
     assert pope == pytest.approx({"accuracy": 0.5, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "yes_ratio": 0.5})
+
+
+@pytest.mark.parametrize(
+    "a, b, expected", [("kitten", "sitting", 3), ("", "abc", 3), ("flaw", "lawn", 2), ("ab", "ab", 0)]
+)
+def test_levenshtein(a, b, expected):
+    assert levenshtein(a, b) == expected == levenshtein(b, a)
+
+
+@pytest.mark.parametrize(
+    "pred, answers, expected",
+    [
+        ("hello", ["hello"], 1.0),
+        ("Hello  World ", ["hello world"], 1.0),  # lower case, whitespace folded
+        ("helo", ["hello"], 0.8),  # distance 1 / length 5 -> NL 0.2
+        ("abc", ["abd"], 2 / 3),  # 1 / 3
+        ("abcdef", ["abcdxx"], 2 / 3),  # 2 / 6
+        ("ab", ["abcd"], 0.0),  # NL 2 / 4 = 0.5 is not below the 0.5 threshold
+        ("abcdefghij", ["abcdefg"], 0.7),  # 3 / 10, lengths differ: divide by the longer
+        ("cat", ["dog", "cats"], 0.75),  # best reference: "cats" at 1 / 4
+        ("3.5", ["35"], 2 / 3),  # no VQA normalisation: the period counts
+        ("", [""], 1.0),
+        ("", ["abc"], 0.0),
+        ("anything", [], 0.0),
+    ],
+)
+def test_anls(pred, answers, expected):
+    assert anls(pred, answers) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "pred, answers, expected",
+    [
+        ("12", ["12"], 1.0),
+        ("12.5", ["12"], 1.0),  # 0.5 / 12 = 4.2%
+        ("12.7", ["12"], 0.0),  # 0.7 / 12 = 5.8%
+        ("105", ["100"], 1.0),  # exactly 5%
+        ("11.4", ["12"], 1.0),  # exactly 5% (floating point would say 5.0000000004%)
+        ("105.1", ["100"], 0.0),
+        ("94.9", ["100"], 0.0),
+        ("-5", ["-5.1"], 1.0),  # 0.1 / 5.1 = 2%
+        ("12.", ["12"], 1.0),  # trailing period
+        ("1,234", ["1234"], 1.0),  # thousands separator
+        ("$3", ["3"], 1.0),
+        ("45%", ["0.45"], 1.0),  # a percentage is its fraction
+        ("45", ["45%"], 0.0),  # 45 against 0.45
+        ("0", ["0"], 1.0),
+        ("0.01", ["0"], 0.0),  # a zero reference needs the exact number
+        ("Yes.", ["yes"], 1.0),  # text: case and trailing period ignored
+        ("blue line", ["Blue"], 0.0),
+        ("12 apples", ["12"], 0.0),  # not a number, and not the same text
+        ("7", ["six", "7.2"], 1.0),  # best reference: 0.2 / 7.2 = 2.8%
+    ],
+)
+def test_relaxed_match(pred, answers, expected):
+    assert relaxed_match(pred, answers) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        ("b", "B"),  # AI2D writes its options in lower case
+        (" (C) ", "C"),
+        ("C.", "C"),
+        ("[d]", "D"),
+        ("b) dog", "B"),  # a labelled option, as the AI2D converter writes answers
+        ("B. dog", "B"),
+        ("(A) cat", "A"),
+        ("The answer is D.", "D"),
+        ("The answer is (C).", "C"),
+        ("A red circle", ""),  # a sentence starting with a capital names no option
+        ("a cat", ""),
+        ("I don't know", ""),
+        ("The answer is a cat", ""),  # lower-case "a" after "answer is" is the article
+        ("", ""),
+    ],
+)
+def test_choice_letter(text, expected):
+    assert choice_letter(text) == expected
+
+
+def test_mc_accuracy_hand_computed():
+    preds = ["A", "b) dog", "The answer is C.", "red", "D"]
+    refs = [["A"], ["B"], ["b) cat"], ["C"], ["B"]]
+    # letters: A=A right, B=B right, C vs b) -> B wrong, "red" unparsed (wrong), D vs B wrong
+    assert mc_accuracy(preds, refs) == pytest.approx({"accuracy": 2 / 5, "unparsed": 1 / 5})
+
+
+def test_mc_accuracy_reference_without_letter_is_an_error():
+    with pytest.raises(ValueError, match="name no option letter"):
+        mc_accuracy(["A"], [["a red circle"]])
