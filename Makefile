@@ -28,9 +28,11 @@ test-fast: setup  ## unit tests only
 lint: setup
 	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts
 
-lock:  ## re-pin the whole dependency tree after changing pyproject.toml
-	uv pip compile pyproject.toml --extra dev --python-version 3.11 $(WHEELS) --no-header -o requirements.lock
-	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.lock
+lock:  ## re-pin the whole dependency tree after changing pyproject.toml (torch stays the +cpu build)
+	rm -f requirements.lock.new
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 $(WHEELS) --no-header -o requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
 
 dagster: setup  ## the Dagster UI on http://127.0.0.1:3000
 	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} sh -c 'mkdir -p $$DAGSTER_HOME && $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000'

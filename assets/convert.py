@@ -31,6 +31,8 @@ def build_convert_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
             return dg.MaterializeResult(
                 metadata={
                     "path": dg.MetadataValue.path(str(r.path)),
+                    "report": dg.MetadataValue.path(str(r.report_path)),
+                    "converter": ds.converter,
                     "read": r.read,
                     "written": r.written,
                     "dropped": sum(r.dropped.values()),

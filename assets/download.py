@@ -26,6 +26,7 @@ def build_download_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
             return dg.MaterializeResult(
                 metadata={
                     "path": dg.MetadataValue.path(str(r.path)),
+                    "kind": cfg.sources[source].kind,
                     "files": r.files,
                     "bytes": r.bytes,
                     "skipped_unchanged": r.skipped,

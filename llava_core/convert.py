@@ -1,29 +1,25 @@
 """Stage 2, conversion: a downloaded source file -> LLaVA jsonl (REFERENCE.md section 3), with a report.
 
-Converters are chosen by name from `CONVERTERS`. Each yields candidate records; one validation pass keeps a
+Converters are chosen by name from `CONVERTERS` (llava_core/converters.py). Each yields candidate records; one validation pass keeps a
 record or drops it with a counted reason, so nothing disappears silently. Output and report are written
 through temporary names and renamed into place.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_core.config import PipelineConfig, write_json_atomic
+from llava_core.converters import CONVERTERS, ConvertInput, Drop  # noqa: F401  (Drop re-exported)
 from llava_core.images import ImageRejected, check_image, resolve_image
 from llava_core.prompts import IMAGE_PLACEHOLDER
 
-
-class Drop(Exception):
-    """Raised by a converter for one input item; `reason` is counted in the report."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+EXTRACTED = "extracted"  # images written by converters: data/raw/<source>/extracted/<dataset>/
 
 
 @dataclass
@@ -34,25 +30,6 @@ class ConvertResult:
     read: int
     written: int
     dropped: dict[str, int] = field(default_factory=dict)
-
-
-def _llava_json(path: Path) -> Iterator[dict | Drop]:
-    """A JSON array of LLaVA records (LLaVA-Pretrain, LLaVA-Instruct/mix665k, ShareGPT4V): json -> jsonl."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-    for item in data:
-        yield item if isinstance(item, dict) else Drop("not_an_object")
-
-
-CONVERTERS: dict[str, Callable[[Path], Iterator[dict | Drop]]] = {
-    "llava_json": _llava_json,
-}
 
 
 def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images: bool = True) -> dict:
@@ -92,15 +69,52 @@ def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images
     return out
 
 
+def dataset_files(root: Path, file: str, folder_glob: str) -> list[Path]:
+    """The files a dataset's `file` names: a file, a folder (its `folder_glob` matches), or a glob; sorted."""
+    target = root / file
+    if target.is_file():
+        files = [target]
+    elif target.is_dir():
+        files = sorted(p for p in target.glob(folder_glob) if p.is_file())
+    else:
+        pattern = f"{glob.escape(str(root))}/{file}"
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    base = root.resolve()
+    for p in files:
+        if base not in p.resolve().parents:
+            raise ValueError(f"{p}: dataset file is outside the source folder {root}")
+    return files
+
+
 def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> ConvertResult:
-    """Convert one configured dataset to `data/jsonl/<dataset>.jsonl` and its `.report.json`."""
+    """Convert one configured dataset to `data/jsonl/<dataset>.jsonl` and its `.report.json`.
+
+    Converters that carry image bytes write them to `data/raw/<source>/extracted/<dataset>/`, first under a
+    temporary name that is renamed into place together with the jsonl.
+    """
     if dataset not in cfg.datasets:
         raise KeyError(f"unknown dataset {dataset!r}; valid: {sorted(cfg.datasets)}")
     ds = cfg.datasets[dataset]
-    src_file = cfg.raw_dir(ds.source) / ds.file
-    if not src_file.is_file():
-        raise FileNotFoundError(f"{src_file} not found: download source {ds.source!r} first")
+    conv = CONVERTERS[ds.converter]
+    root = cfg.raw_dir(ds.source)
+    src_file = root / ds.file
+    files = dataset_files(root, ds.file, conv.folder_glob) if root.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{src_file} not found (or matches no file): download source {ds.source!r} first")
+    options = {**conv.options, **ds.options}
+    if "seed" in options and options["seed"] is None:
+        options["seed"] = cfg.seed
     prefix = ds.image_prefix if ds.image_prefix is not None else f"{ds.source}/"
+    image_final = root / EXTRACTED / dataset
+    image_tmp = root / EXTRACTED / f".{dataset}.partial"
+    inp = ConvertInput(root=root, files=files, options=options)
+    if conv.writes_images:
+        if image_tmp.exists():
+            shutil.rmtree(image_tmp)
+        image_tmp.mkdir(parents=True)
+        inp.image_dir, inp.image_rel = image_tmp, image_tmp.relative_to(root).as_posix()
+    tmp_prefix, final_prefix = f"{prefix}{inp.image_rel}/", f"{prefix}{EXTRACTED}/{dataset}/"
+
     out_path = cfg.jsonl_path(dataset)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
@@ -108,7 +122,7 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     dropped: Counter[str] = Counter()
     seen_ids: set[str] = set()
     with open(tmp, "w", encoding="utf-8") as f:
-        for item in CONVERTERS[ds.converter](src_file):
+        for item in conv.fn(inp):
             read += 1
             try:
                 if isinstance(item, Drop):
@@ -120,18 +134,28 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
             except Drop as d:
                 dropped[d.reason] += 1
                 continue
+            if conv.writes_images and rec.get("image", "").startswith(tmp_prefix):
+                rec["image"] = final_prefix + rec["image"][len(tmp_prefix) :]
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             written += 1
+    if conv.writes_images:
+        if image_final.exists():
+            shutil.rmtree(image_final)
+        image_tmp.rename(image_final)
     tmp.replace(out_path)
     report_path = out_path.with_suffix(".report.json")
     report = {
         "dataset": dataset,
         "source_file": str(src_file),
+        "files": [p.relative_to(root).as_posix() for p in files],
         "converter": ds.converter,
+        "options": options,
         "read": read,
         "written": written,
         "dropped": dict(sorted(dropped.items())),
         "dropped_total": sum(dropped.values()),
     }
+    if conv.writes_images:
+        report["images_written_to"] = str(image_final)
     write_json_atomic(report_path, report)
     return ConvertResult(dataset, out_path, report_path, read, written, dict(dropped))

@@ -141,7 +141,8 @@ def test_unknown_source_kind_and_dataset_source_and_phase(tmp_path, params):
     p = copy.deepcopy(params)
     p["sources"]["synthetic_shapes"]["kind"] = "ftp"
     with pytest.raises(
-        ConfigError, match=r"sources\.synthetic_shapes\.kind: unknown kind 'ftp'; valid: \['generated', 'local'\]"
+        ConfigError,
+        match=r"sources\.synthetic_shapes\.kind: unknown kind 'ftp'; valid: \['generated', 'hf', 'http', 'local', 's3'\]",
     ):
         load(tmp_path, p)
     p = copy.deepcopy(params)
@@ -223,8 +224,9 @@ def test_params_override_merges_over_preset(tmp_path, params):
     cfg = load(tmp_path, params)
     assert cfg.train["phase2"].epochs == 3
     # the rest of the phase keeps the preset's values
-    assert cfg.train["phase2"].learning_rate == 1e-3
-    assert cfg.train["phase2"].global_batch_size == 32
+    preset = PRESETS["tiny"]()["train"]["phase2"]
+    assert cfg.train["phase2"].learning_rate == preset["learning_rate"]
+    assert cfg.train["phase2"].global_batch_size == preset["global_batch_size"]
     assert cfg.train["phase2"].freeze == ["^image_model"]
     assert cfg.train["phase1"].epochs == 1
     assert cfg.hdf5["phase2"].max_sequence_length == 200
