@@ -78,13 +78,21 @@ class SourceConfig:
     kind: str
     generator: str | None = None
     location: str | None = None
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # generator options, or the kind's transfer settings
+    revision: str | None = None  # hf: the pinned commit sha
+    sha256: str | None = None  # http: the file's checksum
+    patterns: list[str] = field(default_factory=list)  # hf, s3: glob patterns of the files to fetch
+    extract: bool = False  # extract the archives that arrive (zip, tar, tar.gz), then remove them
 
     def validate(self, name: str) -> None:
-        from llava_core.sources import SOURCE_KINDS
+        from llava_core.sources import SOURCE_KINDS, validate_source
 
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(f"sources.{name}.kind: unknown kind {self.kind!r}; valid: {sorted(SOURCE_KINDS)}")
+        try:
+            validate_source(self)
+        except ValueError as e:
+            raise ConfigError(f"sources.{name}: {e}") from None
 
 
 @dataclass
@@ -96,6 +104,7 @@ class DatasetConfig:
     converter: str
     phase: str
     image_prefix: str | None = None  # prepended to image paths; default "<source>/"
+    options: dict = field(default_factory=dict)  # converter options (llava_core.converters: CONVERTERS)
 
 
 @dataclass
@@ -237,9 +246,14 @@ def _preset_tiny() -> dict:
         "tokenizer": str(RESOURCES / "tiny_tokenizer"),
         "image_size": 32,
     }
-    batch = {"global_batch_size": 32, "micro_batch_size": 32, "learning_rate": 1e-3}
+    batch = {"global_batch_size": 32, "micro_batch_size": 32}
     return _preset(
-        model, {"phase1": 112, "phase2": 288}, {"phase1": {"epochs": 1, **batch}, "phase2": {"epochs": 3, **batch}}
+        model,
+        {"phase1": 112, "phase2": 288},
+        {
+            "phase1": {"epochs": 1, "learning_rate": 1e-3, **batch},
+            "phase2": {"epochs": 5, "learning_rate": 3e-3, **batch},
+        },
     )
 
 
@@ -346,6 +360,12 @@ class PipelineConfig:
             if ds.converter not in CONVERTERS:
                 raise ConfigError(
                     f"datasets.{name}.converter: unknown converter {ds.converter!r}; valid: {sorted(CONVERTERS)}"
+                )
+            bad = sorted(set(ds.options) - set(CONVERTERS[ds.converter].options))
+            if bad:
+                raise ConfigError(
+                    f"datasets.{name}.options: unknown key(s) {bad} for converter {ds.converter!r}; "
+                    f"valid: {sorted(CONVERTERS[ds.converter].options)}"
                 )
             if ds.phase not in PHASES:
                 raise ConfigError(f"datasets.{name}.phase: {ds.phase!r}; valid: {list(PHASES)}")

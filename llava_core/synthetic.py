@@ -121,8 +121,20 @@ def render_scene(
         elif item.shape == "triangle":
             draw.polygon([(ox + e / 2, oy), (ox, oy + e), (ox + e, oy + e)], fill=color, **pen)
         else:  # cross: a plus sign with arms a third of the extent wide
-            pts = [(t, 0), (2 * t, 0), (2 * t, t), (e, t), (e, 2 * t), (2 * t, 2 * t), (2 * t, e), (t, e),
-                   (t, 2 * t), (0, 2 * t), (0, t), (t, t)]
+            pts = [
+                (t, 0),
+                (2 * t, 0),
+                (2 * t, t),
+                (e, t),
+                (e, 2 * t),
+                (2 * t, 2 * t),
+                (2 * t, e),
+                (t, e),
+                (t, 2 * t),
+                (0, 2 * t),
+                (0, t),
+                (t, t),
+            ]
             draw.polygon([(ox + x, oy + y) for x, y in pts], fill=color, **pen)
     return img
 
@@ -170,7 +182,11 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     for i in range(options.num_pretrain):
         scene = sample_scene(rng)
         rel = f"images/pt_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline), folder, rel)
+        _save(
+            render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline),
+            folder,
+            rel,
+        )
         pretrain.append(
             {
                 "id": f"pt_{i:06d}",
@@ -192,7 +208,11 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
             continue
         scene = sample_scene(rng)
         rel = f"images/it_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline), folder, rel)
+        _save(
+            render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline),
+            folder,
+            rel,
+        )
         qas = questions_for(scene, rng)
         rng.shuffle(qas)
         turns = qas[: rng.randint(1, 3)]
@@ -211,7 +231,11 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     for i in range(options.num_eval_images):
         scene = sample_scene(rng)
         rel = f"eval_images/ev_{i:06d}.png"
-        _save(render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline), folder, rel)
+        _save(
+            render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline),
+            folder,
+            rel,
+        )
         for category, q, a in questions_for(scene, rng):
             eval_lines.append({"question_id": qid, "image": rel, "text": q, "answers": [a], "category": category})
             qid += 1

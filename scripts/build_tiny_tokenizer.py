@@ -22,19 +22,23 @@ from llava_core import synthetic
 from llava_core.prompts import SYSTEM_PROMPTS
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]
-VOCAB_SIZE = 640
+VOCAB_SIZE = 1024
 OUT = Path(__file__).resolve().parents[1] / "llava_core" / "resources" / "tiny_tokenizer"
 
 
 def corpus() -> list[str]:
-    lines = list(SYSTEM_PROMPTS.values()) + ["USER:", "ASSISTANT:", synthetic.SHORT_ANSWER]
+    # the prompt templates are repeated so that their words become whole tokens: shorter sequences, and the
+    # question's key word sits a few tokens (not a few dozen) before the answer
+    templates = list(SYSTEM_PROMPTS.values()) + ["USER: ASSISTANT:", synthetic.SHORT_ANSWER]
+    templates += ["Answer with the option's letter from the given choices directly."]
+    lines = templates * 40
     lines += list(synthetic.CAPTION_PROMPTS) + [q for qa in synthetic.TEXT_ONLY_QA for q in qa]
-    lines += ["Answer with the option's letter from the given choices directly."]
     for color in synthetic.COLORS:
         for shape in synthetic.SHAPES:
             for pos in synthetic.POSITIONS:
                 lines.append(f"A {color} {shape} at the {pos}, a {color} {shape}.")
                 lines.append(f"What color is the {shape}? Where is the {shape}? Is there a {shape} in the image?")
+                lines.append(f"Is there a {color} shape in the image?")
     lines += ["How many shapes are there in the image? yes no 1 2 3 4 5 6 7 8 9 0"]
     lines += [string.ascii_letters + string.digits + string.punctuation]
     return lines * 4

@@ -28,7 +28,7 @@ from llava_core.checkpoint import (
 from llava_core.config import load_config
 from llava_core.images import clip_transform
 from llava_core.model import load_model
-from llava_core.prompts import encode_conversation
+from llava_core.prompts import SYSTEM_PROMPTS, encode_conversation
 from llava_core.tokenizer import load_tokenizer
 from tests.helpers_models import write_checkpoint
 from tests.helpers_unit import TINY_TOKENIZER
@@ -132,9 +132,14 @@ def training_logits(model, tok, image_token_id=None, seed=0):
     return logits, hf_ids, pixels
 
 
+VOCAB = len(AutoTokenizer.from_pretrained(TINY_TOKENIZER))  # the tiny tokenizer's vocabulary (with <image>)
+PADDED = -(-(VOCAB + 1) // 64) * 64  # llava-hf pads the embeddings to a multiple of 64
+IMAGE_START = 1 + len(SYSTEM_PROMPTS["vicuna_v1"].split()) + 1  # BOS, the system prompt's words, "USER:"
+
+
 @pytest.fixture
 def tokenizer_without_image_token(tmp_path):
-    """The tiny tokenizer with `<image>` renamed away: a base vocabulary of 640 that lacks it (like Vicuna's)."""
+    """The tiny tokenizer with `<image>` renamed away: a base vocabulary of VOCAB that lacks it (like Vicuna's)."""
     from pathlib import Path
 
     src, dst = Path(TINY_TOKENIZER), tmp_path / "tok_no_image"
@@ -150,7 +155,7 @@ def tokenizer_without_image_token(tmp_path):
     tc.pop("image_token")
     (dst / "tokenizer_config.json").write_text(json.dumps(tc))
     tok = AutoTokenizer.from_pretrained(dst)
-    assert len(tok) == 640 and tok.convert_tokens_to_ids("<image>") == tok.unk_token_id
+    assert len(tok) == VOCAB and tok.convert_tokens_to_ids("<image>") == tok.unk_token_id
     return tok
 
 
@@ -212,7 +217,7 @@ def test_training_hf_training_round_trip_is_bit_identical(trained_like_checkpoin
     cfg, folder = trained_like_checkpoint
     hf_dir = export_hf(cfg).path
     result = import_hf(hf_dir, tmp_path / "imported")
-    assert result.trimmed_rows == 0 and result.vocab_size == 640
+    assert result.trimmed_rows == 0 and result.vocab_size == VOCAB
     # the files themselves: same keys, dtypes and bits
     assert_same_weights(load_file(folder / "model.safetensors"), load_file(result.path / "model.safetensors"))
     model = load_model(result.path)  # the folder alone rebuilds the model
@@ -221,7 +226,7 @@ def test_training_hf_training_round_trip_is_bit_identical(trained_like_checkpoin
     summary = json.loads((result.path / "train_summary.json").read_text())
     tok = AutoTokenizer.from_pretrained(result.path / "tokenizer")
     enc = encode_conversation([{"from": "human", "value": "<image>\nx"}], tok, "vicuna_v1", 64, 0, True)
-    assert summary["image_patch_start_idx"] == enc.image_start == 28
+    assert summary["image_patch_start_idx"] == enc.image_start == IMAGE_START
     assert tok.encode("What color is the circle?") == AutoTokenizer.from_pretrained(folder / "tokenizer").encode(
         "What color is the circle?"
     )
@@ -244,33 +249,33 @@ def test_image_token_added_past_the_vocab_pads_like_llava_hf_and_imports_back(
     cfg = load_config(small_params)
     folder = write_checkpoint(cfg, tokenizer_without_image_token)
     result = export_hf(cfg)
-    assert result.image_token_id == 640
+    assert result.image_token_id == VOCAB
     info = json.loads((result.path / "export_info.json").read_text())
-    assert info["original_vocab_size"] == 640 and info["added_tokens"] == ["<image>"]
+    assert info["original_vocab_size"] == VOCAB and info["added_tokens"] == ["<image>"]
     hf = LlavaForConditionalGeneration.from_pretrained(result.path).eval()
-    assert hf.config.text_config.vocab_size == 704  # 641 rounded up to a multiple of 64
+    assert hf.config.text_config.vocab_size == PADDED  # VOCAB + 1 rounded up to a multiple of 64
     tok = AutoTokenizer.from_pretrained(result.path)
-    assert len(tok) == 641 and tok.convert_tokens_to_ids("<image>") == 640 == hf.config.image_token_index
+    assert len(tok) == VOCAB + 1 and tok.convert_tokens_to_ids("<image>") == VOCAB == hf.config.image_token_index
     # the processor expands <image> into the image slots
     processor = AutoProcessor.from_pretrained(result.path)
     batch = processor(
         text="USER: <image>\nWhat is it? ASSISTANT:", images=Image.new("RGB", (32, 32)), return_tensors="pt"
     )
-    assert int((batch["input_ids"] == 640).sum()) == 64
+    assert int((batch["input_ids"] == VOCAB).sum()) == 64
 
     model = load_model(folder).eval()
-    ours, hf_ids, pixels = training_logits(model, tokenizer_without_image_token, image_token_id=640)
+    ours, hf_ids, pixels = training_logits(model, tokenizer_without_image_token, image_token_id=VOCAB)
     with torch.no_grad():
         theirs = hf(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=pixels).logits
-    assert theirs.shape[-1] == 704
-    torch.testing.assert_close(theirs[..., :640], ours, rtol=1e-5, atol=1e-5)
+    assert theirs.shape[-1] == PADDED
+    torch.testing.assert_close(theirs[..., :VOCAB], ours, rtol=1e-5, atol=1e-5)
 
     # import: the padded rows and the added token go again; every weight is the original's
     back = import_hf(result.path, tmp_path / "imported")
-    assert back.trimmed_rows == 64 and back.vocab_size == 640
+    assert back.trimmed_rows == PADDED - VOCAB and back.vocab_size == VOCAB
     assert_same_weights(load_file(folder / "model.safetensors"), load_file(back.path / "model.safetensors"))
     tok_back = AutoTokenizer.from_pretrained(back.path / "tokenizer")
-    assert len(tok_back) == 640 and tok_back.convert_tokens_to_ids("<image>") == tok_back.unk_token_id
+    assert len(tok_back) == VOCAB and tok_back.convert_tokens_to_ids("<image>") == tok_back.unk_token_id
     assert json.loads((back.path / "import_info.json").read_text())["removed_tokens"] == ["<image>"]
 
 
@@ -281,9 +286,9 @@ def test_import_of_a_foreign_hf_folder_keeps_its_padded_vocab(small_params, toke
     hf_dir = export_hf(cfg).path
     (hf_dir / "export_info.json").unlink()
     back = import_hf(hf_dir, tmp_path / "imported")
-    assert back.trimmed_rows == 0 and back.vocab_size == 704
+    assert back.trimmed_rows == 0 and back.vocab_size == PADDED
     tok = AutoTokenizer.from_pretrained(back.path / "tokenizer")
-    assert tok.convert_tokens_to_ids("<image>") == 640
+    assert tok.convert_tokens_to_ids("<image>") == VOCAB
     expected = LlavaForConditionalGeneration.from_pretrained(hf_dir).state_dict()
     assert_same_weights(from_hf_state_dict(expected), load_model(back.path).state_dict())
 
@@ -323,7 +328,7 @@ def test_original_llava_layout_and_config(trained_like_checkpoint):
         "mm_use_im_patch_token": False,
         "image_aspect_ratio": "pad",
     }
-    assert config["vocab_size"] == 640 and config["hidden_size"] == 128
+    assert config["vocab_size"] == VOCAB and config["hidden_size"] == 128
     model = load_model(folder)
     text = load_file(out / "text_model_llava/model.safetensors")
     state = model.state_dict()
@@ -342,7 +347,7 @@ def test_original_llava_layout_and_config(trained_like_checkpoint):
     pixels = processor(img, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(pixels, clip_transform(img, 32), atol=0.05, rtol=0)
     tok = AutoTokenizer.from_pretrained(out / "text_model_llava")
-    assert len(tok) == 640 and tok.eos_token_id == 2
+    assert len(tok) == VOCAB and tok.eos_token_id == 2
 
 
 def test_training_original_training_round_trip_is_bit_identical(trained_like_checkpoint, tmp_path):
@@ -368,7 +373,7 @@ def test_training_original_training_round_trip_is_bit_identical(trained_like_che
     # to a training folder on disk: the same bits as the checkpoint it came from
     back = import_llava(moved, tmp_path / "from_llava")
     assert_same_weights(load_file(folder / "model.safetensors"), load_file(back.path / "model.safetensors"))
-    assert json.loads((back.path / "train_summary.json").read_text())["image_patch_start_idx"] == 28
+    assert json.loads((back.path / "train_summary.json").read_text())["image_patch_start_idx"] == IMAGE_START
 
 
 def test_original_bin_weights_are_read_with_weights_only(trained_like_checkpoint):
