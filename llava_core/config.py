@@ -252,7 +252,7 @@ def _preset_tiny() -> dict:
         {"phase1": 112, "phase2": 288},
         {
             "phase1": {"epochs": 1, "learning_rate": 1e-3, **batch},
-            "phase2": {"epochs": 5, "learning_rate": 3e-3, **batch},
+            "phase2": {"epochs": 4, "learning_rate": 3e-3, **batch},
         },
     )
 

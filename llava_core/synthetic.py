@@ -167,6 +167,21 @@ def questions_for(scene: list[PlacedShape], rng: random.Random) -> list[tuple[st
     ]
 
 
+def conversation_turns(qas: list[tuple[str, str, str]], rng: random.Random) -> list[tuple[str, str, str]]:
+    """Two or three question kinds for one conversation; a yes/no kind brings both its questions.
+
+    Asking "is there a red shape?" and "is there a blue shape?" about the same image, with opposite answers,
+    is what teaches a model that the answer depends on the question and not only on the image.
+    """
+    units: dict[str, list[tuple[str, str, str]]] = {}
+    for qa in qas:
+        units.setdefault(qa[0], []).append(qa)
+    chosen = rng.sample(sorted(units), rng.randint(2, 3))
+    turns = [qa for kind in chosen for qa in units[kind]]
+    rng.shuffle(turns)
+    return turns
+
+
 def _save(img: Image.Image, folder: Path, rel: str) -> None:
     path = folder / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,9 +228,7 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
             folder,
             rel,
         )
-        qas = questions_for(scene, rng)
-        rng.shuffle(qas)
-        turns = qas[: rng.randint(1, 3)]
+        turns = conversation_turns(questions_for(scene, rng), rng)
         conv = []
         for k, (_, q, a) in enumerate(turns):
             value = f"{q}\n{SHORT_ANSWER}"

@@ -47,7 +47,7 @@ def test_dvc_repro_runs_every_stage(tmp_path, venv_env):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == STAGES
     report = json.loads((repo / "reports/eval.json").read_text())
-    assert report["num_questions"] == 4 * 5
+    assert report["num_questions"] == 7 * 4  # 7 questions for each of the 4 held-out images
     assert (repo / "models/hf/config.json").is_file()
     assert "up to date" in run(["dvc", "status"], repo, venv_env)
     # nothing changed: a second repro runs nothing
