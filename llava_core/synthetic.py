@@ -193,15 +193,17 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(options.seed)
 
+    def draw_scene(rel: str) -> list[PlacedShape]:
+        """Sample a scene, render it and save it at `rel` (one RNG stream: the same seed, the same files)."""
+        scene = sample_scene(rng)
+        img = render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline)
+        _save(img, folder, rel)
+        return scene
+
     pretrain = []
     for i in range(options.num_pretrain):
-        scene = sample_scene(rng)
         rel = f"images/pt_{i:06d}.png"
-        _save(
-            render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline),
-            folder,
-            rel,
-        )
+        scene = draw_scene(rel)
         pretrain.append(
             {
                 "id": f"pt_{i:06d}",
@@ -221,13 +223,8 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
                 {"id": f"it_{i:06d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
             )
             continue
-        scene = sample_scene(rng)
         rel = f"images/it_{i:06d}.png"
-        _save(
-            render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline),
-            folder,
-            rel,
-        )
+        scene = draw_scene(rel)
         turns = conversation_turns(questions_for(scene, rng), rng)
         conv = []
         for k, (_, q, a) in enumerate(turns):
@@ -242,13 +239,8 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
     eval_lines = []
     qid = 0
     for i in range(options.num_eval_images):
-        scene = sample_scene(rng)
         rel = f"eval_images/ev_{i:06d}.png"
-        _save(
-            render_scene(scene, options.image_size, rng, options.shape_fill, options.jitter, options.outline),
-            folder,
-            rel,
-        )
+        scene = draw_scene(rel)
         for category, q, a in questions_for(scene, rng):
             eval_lines.append({"question_id": qid, "image": rel, "text": q, "answers": [a], "category": category})
             qid += 1
