@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported when a transform runs: the data stages never need it
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -67,7 +71,7 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_COLOR) -
     return out
 
 
-def clip_transform(img: Image.Image, size: int) -> torch.Tensor:  # noqa: F821
+def clip_transform(img: Image.Image, size: int) -> torch.Tensor:
     """LLaVA-1.5 'pad' transform: expand to square with the mean colour, bicubic resize, centre crop, normalise.
 
     Returns a float32 tensor (3, size, size).
