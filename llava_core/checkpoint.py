@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llava_core.config import PipelineConfig, write_json_atomic
+from llava_core.config import PipelineConfig, partial_dir, replace_dir, write_json_atomic
 from llava_core.images import CLIP_MEAN, CLIP_STD
 from llava_core.model import LlavaModel, _vision_config_of, load_model, model_from_config_dict, save_model
 from llava_core.prompts import SYSTEM_PROMPTS, check_style, encode_conversation
@@ -304,21 +303,6 @@ def _finished_checkpoint(cfg: PipelineConfig, phase: str) -> Path:
     return ckpt
 
 
-def _fresh_tmp(out: Path) -> Path:
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a completed temporary folder into place (the previous version goes only once the new one is whole)."""
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-
-
 def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
     """Convert the finished `checkpoints/<phase>/` to `models/hf/` (atomic: temporary folder, then rename)."""
     from transformers import AutoTokenizer, LlavaProcessor
@@ -341,7 +325,7 @@ def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
         num_additional_image_tokens=1,
     )
     out = cfg.path("models") / "hf"
-    tmp = _fresh_tmp(out)
+    tmp = partial_dir(out)
     conv.model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     train_summary = json.loads((ckpt / "train_summary.json").read_text())
@@ -357,7 +341,7 @@ def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
             "added_tokens": conv.added_tokens,
         },
     )
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return ExportResult(out, sum(p.numel() for p in conv.model.parameters()), conv.image_token_id)
 
 
@@ -433,7 +417,7 @@ def import_hf(hf_dir: Path, out: Path, prompt_style: str = "vicuna_v1") -> Impor
     check_style(prompt_style)
     hf_dir, out = Path(hf_dir), Path(out)
     model, tok, facts = read_hf(hf_dir)
-    tmp = _fresh_tmp(out)
+    tmp = partial_dir(out)
     save_model(model, tmp)
     tok.save_pretrained(tmp / "tokenizer")
     info = facts["export_info"]
@@ -460,7 +444,7 @@ def import_hf(hf_dir: Path, out: Path, prompt_style: str = "vicuna_v1") -> Impor
         tmp / "train_summary.json",
         {"phase": "imported", "steps": 0, "source": str(hf_dir), "image_patch_start_idx": start},
     )
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     vocab = model.text_model.get_input_embeddings().num_embeddings
     return ImportResult(out, sum(p.numel() for p in model.parameters()), hf_dir, vocab, facts["trimmed_rows"])
 
@@ -522,10 +506,10 @@ def export_llava(cfg: PipelineConfig, phase: str = "phase2") -> LlavaExportResul
     model = load_model(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     out = cfg.path("models") / "llava"
-    tmp = _fresh_tmp(out)
+    tmp = partial_dir(out)
     write_llava_original(model, tok, tmp, str((out / LLAVA_IMAGE_DIR).resolve()))
     write_json_atomic(tmp / EXPORT_INFO, {"source_checkpoint": str(ckpt), "phase": phase, "format": "llava"})
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return LlavaExportResult(
         out, sum(p.numel() for p in model.parameters()), out / LLAVA_IMAGE_DIR, out / LLAVA_TEXT_DIR
     )
@@ -628,7 +612,7 @@ def import_llava(folder: Path, out: Path, prompt_style: str = "vicuna_v1") -> Im
     check_style(prompt_style)
     folder, out = Path(folder), Path(out)
     model, tok = load_llava_original(folder)
-    tmp = _fresh_tmp(out)
+    tmp = partial_dir(out)
     save_model(model, tmp)
     tok.save_pretrained(tmp / "tokenizer")
     write_json_atomic(tmp / IMPORT_INFO, {"source": str(folder), "format": "llava", "prompt_style": prompt_style})
@@ -641,6 +625,6 @@ def import_llava(folder: Path, out: Path, prompt_style: str = "vicuna_v1") -> Im
             "image_patch_start_idx": _image_start(tok, prompt_style, model.num_patches),
         },
     )
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     vocab = model.text_model.get_input_embeddings().num_embeddings
     return ImportResult(out, sum(p.numel() for p in model.parameters()), folder, vocab, 0)

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -459,3 +460,26 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+def partial_dir(out: Path) -> Path:
+    """An empty sibling `.<name>.partial` folder to build `out` in (a leftover from a killed run is removed)."""
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a completed folder into place; the previous version is set aside and removed only afterwards."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)

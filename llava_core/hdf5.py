@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llava_core.config import PipelineConfig, write_json_atomic
+from llava_core.config import PipelineConfig, partial_dir, replace_dir, write_json_atomic
 from llava_core.images import ImageRejected, check_image, clip_transform, load_rgb
 from llava_core.model import vision_geometry
 from llava_core.prompts import PromptError, count_image_placeholders, encode_conversation
@@ -136,10 +135,7 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
     order = list(range(len(blocks)))
     random.Random(cfg.seed).shuffle(order)
     out = cfg.hdf5_dir(phase)
-    tmp = out.with_name(f".{out.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out)
     files = []
     for chunk, start in enumerate(range(0, len(order), hc.shard_size)):
         idx = order[start : start + hc.shard_size]
@@ -189,9 +185,7 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
         "image_patch_info": {"image_patch_start_idx": image_start, "num_patches": num_patches},
     }
     write_json_atomic(tmp / "data_params.json", params)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return Hdf5Result(phase, out, len(blocks), processed, dict(discarded), image_start)
 
 

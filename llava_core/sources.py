@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_core import synthetic
-from llava_core.config import PipelineConfig, SourceConfig, write_json_atomic
+from llava_core.config import PipelineConfig, SourceConfig, partial_dir, replace_dir, write_json_atomic
 from llava_core.fetch import HEX64, check_hf_revision, extract_all, fetch_hf, fetch_http, fetch_s3, sha256_file
 
 MANIFEST = "manifest.json"
@@ -160,25 +160,14 @@ def download(cfg: PipelineConfig, source: str) -> DownloadResult:
         manifest = json.loads((dest / MANIFEST).read_text())
         return DownloadResult(source, dest, len(manifest["files"]), sum(f["size"] for f in manifest["files"]), True)
 
-    tmp = dest.with_name(f".{dest.name}.partial")
+    tmp = partial_dir(dest)
     work = dest.with_name(f".{dest.name}.work")  # kept when a transfer fails, so the next run resumes
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     work.mkdir(parents=True, exist_ok=True)
     SOURCE_KINDS[src.kind](src, tmp, work)
     if src.extract:
         extract_all(tmp)
     manifest = build_manifest(tmp, declaration)
     write_json_atomic(tmp / MANIFEST, manifest)
-    if dest.exists():  # an outdated or damaged copy: replaced only once the new one is complete
-        old = dest.with_name(f".{dest.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dest)
+    replace_dir(tmp, dest)  # an outdated or damaged copy is replaced only once the new one is complete
     shutil.rmtree(work, ignore_errors=True)
     return DownloadResult(source, dest, len(manifest["files"]), sum(f["size"] for f in manifest["files"]), False)

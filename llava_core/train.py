@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from llava_core.config import PipelineConfig, config_from_dict, write_json_atomic
+from llava_core.config import PipelineConfig, config_from_dict, partial_dir, replace_dir, write_json_atomic
 from llava_core.hdf5 import LlavaHdf5Dataset, collate_trimmed
 from llava_core.model import LlavaModel, apply_freeze, build_model, load_model, save_model
 from llava_core.tokenizer import load_tokenizer
@@ -147,9 +146,7 @@ class Recipe:
         optimizer, scheduler = self._setup_optimizer(model, total_steps)
         model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
         if acc.is_main_process:
-            if self.work.exists():
-                shutil.rmtree(self.work)
-            self.work.mkdir(parents=True)
+            self.work = partial_dir(self.out)
         acc.wait_for_everyone()
         metrics_f = open(self.work / METRICS, "w") if acc.is_main_process else None
         self.log(f"{len(loader.dataset)} examples, {total_steps} optimizer steps of {self.tc.global_batch_size}")
@@ -220,9 +217,7 @@ class Recipe:
             self.tokenizer.save_pretrained(self.work / "tokenizer")
             write_json_atomic(self.work / "run_config.json", self.cfg.stage_view("model", "train", "hdf5"))
             write_json_atomic(self.work / SUMMARY, summary)  # last: marks the checkpoint complete
-            if self.out.exists():
-                shutil.rmtree(self.out)
-            self.work.rename(self.out)
+            replace_dir(self.work, self.out)
         acc.wait_for_everyone()
         return summary
 
