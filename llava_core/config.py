@@ -112,8 +112,10 @@ class DatasetConfig:
 class Hdf5PhaseConfig:
     prompt_style: str
     max_sequence_length: int
-    shard_size: int = 2000
-    min_image_size: int = 8
+    shard_size: int = 2000  # examples per output file
+    min_image_size: int = 8  # shorter side in pixels; smaller images are rejected and counted
+    num_workers: int = 1  # writer processes; the output is byte-identical for any number
+    max_discarded_fraction: float = 0.05  # validation gate: at most this share of the records may be rejected
 
 
 @dataclass
@@ -379,8 +381,12 @@ class PipelineConfig:
                 check_style(h.prompt_style)
             except ValueError as e:
                 raise ConfigError(f"hdf5.{phase}.prompt_style: {e}") from None
-            if h.max_sequence_length <= 0 or h.shard_size <= 0:
-                raise ConfigError(f"hdf5.{phase}: max_sequence_length and shard_size must be positive")
+            if h.max_sequence_length <= 0 or h.shard_size <= 0 or h.num_workers <= 0:
+                raise ConfigError(f"hdf5.{phase}: max_sequence_length, shard_size and num_workers must be positive")
+            if not 0.0 <= h.max_discarded_fraction <= 1.0:
+                raise ConfigError(
+                    f"hdf5.{phase}.max_discarded_fraction: {h.max_discarded_fraction} is not between 0 and 1"
+                )
         for phase, t in self.train.items():
             if t.global_batch_size % t.micro_batch_size:
                 raise ConfigError(

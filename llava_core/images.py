@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,33 +26,99 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
+# What an extension claims; a file whose decoded format differs is used (PIL opens by content) and counted.
+EXTENSION_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+FORMAT_MISMATCH = "format_differs_from_extension"
+ANIMATED = "animated_first_frame_used"
+UNDECODABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An accepted image: its real path, decoded format and size, and notes worth counting (not rejections)."""
+
+    path: Path
+    format: str | None
+    size: tuple[int, int]
+    notes: tuple[str, ...] = ()
+
+
+class ImageChecker:
+    """Checks image paths relative to one image root; the root and folders are resolved once (many files)."""
+
+    def __init__(self, image_root: Path, min_size: int = 1) -> None:
+        self.root = Path(image_root).resolve()
+        self._root = str(self.root)
+        self.min_size = min_size
+        self._real_dirs: dict[str, str] = {}
+
+    def _inside(self, real: str) -> bool:
+        return real == self._root or real.startswith(self._root + os.sep)
+
+    def resolve(self, rel: str) -> Path:
+        """The file for `rel`; absolute paths, `..` and links leaving the root are rejected."""
+        return Path(self._resolve(rel))
+
+    def _resolve(self, rel: str) -> str:
+        if not isinstance(rel, str) or not rel:
+            raise ImageRejected("image_path_invalid", repr(rel))
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
+            raise ImageRejected("image_path_outside_root", rel)
+        folder, name = os.path.split(norm)
+        real_dir = self._real_dirs.get(folder)
+        if real_dir is None:  # folders are few: resolve each once (links between folders included)
+            real_dir = self._real_dirs[folder] = os.path.realpath(os.path.join(self.root, folder))
+        path = os.path.join(real_dir, name)
+        if os.path.islink(path):
+            path = os.path.realpath(path)
+        if not self._inside(path) or not self._inside(real_dir):
+            raise ImageRejected("image_path_outside_root", rel)
+        return path
+
+    def check(self, rel: str) -> ImageInfo:
+        """Resolve, open and fully decode; reject missing, undecodable, oversized or too small files."""
+        path = self._resolve(rel)
+        if not os.path.isfile(path):
+            raise ImageRejected("image_missing", rel)
+        try:
+            with Image.open(path) as im:
+                im.load()  # decodes fully: truncated files fail here, not hours into training
+                w, h = im.size
+                fmt = im.format
+                frames = getattr(im, "n_frames", 1)
+        except Image.DecompressionBombError as e:
+            raise ImageRejected("image_too_large", f"{rel}: {e}") from None
+        except UNDECODABLE as e:
+            raise ImageRejected("image_undecodable", f"{rel}: {e}") from None
+        if min(w, h) < self.min_size:
+            raise ImageRejected("image_too_small", f"{rel}: {w}x{h} < {self.min_size}")
+        notes = []
+        claimed = EXTENSION_FORMATS.get(os.path.splitext(rel)[1].lower())  # what the record claims
+        if claimed is not None and fmt != claimed:
+            notes.append(FORMAT_MISMATCH)
+        if frames > 1:
+            notes.append(ANIMATED)
+        return ImageInfo(Path(path), fmt, (w, h), tuple(notes))
+
+
 def resolve_image(image_root: Path, rel: str) -> Path:
     """The file for `rel` under `image_root`; absolute paths, `..` and links leaving the root are rejected."""
-    if not isinstance(rel, str) or not rel:
-        raise ImageRejected("image_path_invalid", repr(rel))
-    if os.path.isabs(rel):
-        raise ImageRejected("image_path_outside_root", rel)
-    root = image_root.resolve()
-    path = (root / rel).resolve()
-    if path != root and root not in path.parents:
-        raise ImageRejected("image_path_outside_root", rel)
-    return path
+    return ImageChecker(image_root).resolve(rel)
 
 
 def check_image(image_root: Path, rel: str, min_size: int = 1) -> Path:
     """Resolve, open and fully decode the image; reject missing, undecodable or too small files."""
-    path = resolve_image(image_root, rel)
-    if not path.is_file():
-        raise ImageRejected("image_missing", rel)
-    try:
-        with Image.open(path) as im:
-            im.load()  # decodes fully: truncated files fail here, not hours into training
-            w, h = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageRejected("image_undecodable", f"{rel}: {e}") from None
-    if min(w, h) < min_size:
-        raise ImageRejected("image_too_small", f"{rel}: {w}x{h} < {min_size}")
-    return path
+    return ImageChecker(image_root, min_size).check(rel).path
 
 
 def load_rgb(path: Path) -> Image.Image:

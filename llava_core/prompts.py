@@ -8,6 +8,7 @@ silently zeroes LLaVA's loss when a tokenizer differs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -94,6 +95,101 @@ def _strip_image(text: str) -> str:
     )
 
 
+# A conversation as segments before tokenisation: text to tokenise, or fixed ids (BOS, EOS, image slots).
+# Both the single and the batched encoder assemble the same segments, so they give the same ids.
+TEXT, BOS, EOS, IMAGE = "text", "bos", "eos", "image"
+
+
+@dataclass
+class Segments:
+    """(kind, text, supervised) in order; `texts()` are the strings to tokenise, in order."""
+
+    parts: list[tuple[str, str, bool]] = field(default_factory=list)
+    num_answers: int = 0
+
+    def add(self, kind: str, text: str = "", loss: bool = False) -> None:
+        self.parts.append((kind, text, loss))
+
+    def texts(self) -> list[str]:
+        return [t for kind, t, _ in self.parts if kind == TEXT]
+
+
+def conversation_segments(conversations: list[dict], style: str, for_generation: bool = False) -> Segments:
+    """The layout of one LLaVA conversation in `style` (see `encode_conversation`), before tokenisation."""
+    check_style(style)
+    pairs = _split_turns(conversations)
+    if for_generation:
+        if pairs[-1][1] is not None:
+            raise PromptError("generation_prompt_ends_with_answer")
+    elif pairs[-1][1] is None:
+        raise PromptError("odd_number_of_turns", f"{len(conversations)} turns")
+
+    seg = Segments()
+    if style == "plain":
+        q, a = pairs[0]
+        seg.add(BOS)
+        seg.add(IMAGE)
+        if a is not None:
+            if not a.strip():
+                raise PromptError("empty_answer")
+            seg.add(TEXT, a.strip(), loss=True)
+            seg.add(EOS, loss=True)
+            seg.num_answers = 1
+        return seg
+
+    system = SYSTEM_PROMPTS[style]
+    for k, (q, a) in enumerate(pairs):
+        question = _strip_image(q)
+        if k == 0:
+            seg.add(BOS)
+            seg.add(TEXT, f"{system} USER:")
+            seg.add(IMAGE)
+            seg.add(TEXT, f"{question} ASSISTANT:")
+        else:
+            seg.add(TEXT, f"USER: {question} ASSISTANT:")
+        if a is None:
+            break
+        if not a.strip():
+            raise PromptError("empty_answer", f"turn {2 * k + 1}")
+        seg.add(TEXT, a.strip(), loss=True)
+        seg.add(EOS, loss=True)
+        seg.num_answers += 1
+    return seg
+
+
+def assemble(
+    seg: Segments, token_ids: list[list[int]], bos: int, eos: int, num_patches: int, pad_id: int
+) -> EncodedConversation:
+    """Join the segments with `token_ids` (one list per text segment, in order) into ids + loss mask."""
+    enc = EncodedConversation(num_patches=num_patches)
+    texts = iter(token_ids)
+    span_start: int | None = None
+    for kind, _text, loss in seg.parts:
+        if kind == TEXT:
+            ids = next(texts)
+        elif kind == BOS:
+            ids = [bos]
+        elif kind == EOS:
+            ids = [eos]
+        else:
+            enc.image_start = len(enc.input_ids)
+            ids = [pad_id] * num_patches
+        if loss and span_start is None:
+            span_start = len(enc.input_ids)
+        enc._add(ids, loss)
+        if kind == EOS and span_start is not None:  # an answer ends with its </s>
+            enc.answer_spans.append((span_start, len(enc.input_ids)))
+            span_start = None
+    return enc
+
+
+def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError("tokenizer must define bos_token_id and eos_token_id")
+    return bos, eos
+
+
 def encode_conversation(
     conversations: list[dict],
     tokenizer: Tokenizer,
@@ -108,50 +204,36 @@ def encode_conversation(
     vicuna_v1:  [BOS] SYSTEM USER: [pad]*P q1 ASSISTANT: a1 [EOS] USER: q2 ASSISTANT: a2 [EOS] ...
     Text-only records keep the slots (the caller masks them with key_padding_mask).
     With ``for_generation`` the conversation must end with a human turn and the ids end with `ASSISTANT:`.
+    Each text segment is tokenised on its own (no special tokens), so masks follow token positions.
     """
-    check_style(style)
-    pairs = _split_turns(conversations)
-    if for_generation:
-        if pairs[-1][1] is not None:
-            raise PromptError("generation_prompt_ends_with_answer")
-    elif pairs[-1][1] is None:
-        raise PromptError("odd_number_of_turns", f"{len(conversations)} turns")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise ValueError("tokenizer must define bos_token_id and eos_token_id")
+    seg = conversation_segments(conversations, style, for_generation)
+    bos, eos = _special_ids(tokenizer)
+    ids = [tokenizer.encode(t, add_special_tokens=False) if t else [] for t in seg.texts()]
+    return assemble(seg, ids, bos, eos, num_patches, pad_id)
 
-    def tok(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    enc = EncodedConversation(num_patches=num_patches)
-    if style == "plain":
-        q, a = pairs[0]
-        enc._add([bos], loss=False)
-        enc.image_start = len(enc.input_ids)
-        enc._add([pad_id] * num_patches, loss=False)
-        if a is None:
-            return enc
-        if not a.strip():
-            raise PromptError("empty_answer")
-        enc.answer_spans.append(enc._add(tok(a.strip()) + [eos], loss=True))
-        return enc
+def encode_segments_batch(
+    segments: list[Segments],
+    encode_batch: Callable[[list[str]], list[list[int]]],
+    bos: int,
+    eos: int,
+    num_patches: int,
+    pad_id: int,
+) -> list[EncodedConversation]:
+    """`encode_conversation` for many conversations with one batched tokeniser call (the HDF5 writer's path).
 
-    system = SYSTEM_PROMPTS[style]
-    for k, (q, a) in enumerate(pairs):
-        question = _strip_image(q)
-        if k == 0:
-            enc._add([bos] + tok(f"{system} USER:"), loss=False)
-            enc.image_start = len(enc.input_ids)
-            enc._add([pad_id] * num_patches, loss=False)
-            enc._add(tok(f"{question} ASSISTANT:"), loss=False)
-        else:
-            enc._add(tok(f"USER: {question} ASSISTANT:"), loss=False)
-        if a is None:
-            break
-        if not a.strip():
-            raise PromptError("empty_answer", f"turn {2 * k + 1}")
-        enc.answer_spans.append(enc._add(tok(a.strip()) + [eos], loss=True))
-    return enc
+    `encode_batch(texts)` must return the ids `tokenizer.encode(text, add_special_tokens=False)` would.
+    """
+    texts = [t for seg in segments for t in seg.texts()]
+    unique = list(dict.fromkeys(t for t in texts if t))  # system prompts and common questions: once each
+    known = dict(zip(unique, encode_batch(unique) if unique else [], strict=True))
+    ids = [known[t] if t else [] for t in texts]
+    out, k = [], 0
+    for seg in segments:
+        n = len(seg.texts())
+        out.append(assemble(seg, ids[k : k + n], bos, eos, num_patches, pad_id))
+        k += n
+    return out
 
 
 def count_image_placeholders(conversations: list[dict]) -> int:
