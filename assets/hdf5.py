@@ -1,4 +1,5 @@
-"""Stage 3 assets: `hdf5_phase1` and `hdf5_phase2`, built from the jsonl datasets of each phase."""
+"""Stage 3 assets: `hdf5_phase1` and `hdf5_phase2`, built from the jsonl datasets of each phase, and their
+blocking Great Expectations checks (`jsonl_suite`, `hdf5_suite`): training does not start after a failure."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from assets.convert import jsonl_key
 from assets.resources import PipelineSettings
 from llava_core.config import PHASES, PipelineConfig
 from llava_core.hdf5 import build_hdf5
+from llava_core.validate import describe, validate_phase
+
+SUITES = ("jsonl", "hdf5")
 
 
 def hdf5_key(phase: str) -> dg.AssetKey:
@@ -30,11 +34,46 @@ def build_hdf5_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
                     "path": dg.MetadataValue.path(str(r.path)),
                     "examples": r.examples,
                     "processed": r.processed,
+                    "files": r.files,
                     "discarded_by_reason": dg.MetadataValue.json(r.discarded),
+                    "image_notes": dg.MetadataValue.json(r.image_notes),
                     "image_start_idx": r.image_start_idx,
                 }
             )
 
         return _hdf5
 
-    return [make(p) for p in PHASES]
+    def make_checks(phase: str) -> dg.AssetChecksDefinition:
+        specs = [
+            dg.AssetCheckSpec(
+                f"{suite}_suite",
+                asset=hdf5_key(phase),
+                blocking=True,  # a failure stops the downstream training asset in the same run
+                description=f"Great Expectations suite over the {phase} {suite} ({'records' if suite == 'jsonl' else 'examples'}).",
+            )
+            for suite in SUITES
+        ]
+
+        @dg.multi_asset_check(specs=specs, name=f"validate_{phase}")
+        def _validate(settings: PipelineSettings):
+            r = validate_phase(settings.load(), phase)
+            for suite in SUITES:
+                s = r.suites[suite]
+                failed = [describe(e) for e in s.expectations if not e["success"]]
+                yield dg.AssetCheckResult(
+                    asset_key=hdf5_key(phase),
+                    check_name=f"{suite}_suite",
+                    passed=s.success,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={
+                        "rows": s.rows,
+                        "expectations": s.evaluated,
+                        "failed": s.failed,
+                        "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failed) or "none"),
+                        "results": dg.MetadataValue.path(str(r.path)),
+                    },
+                )
+
+        return _validate
+
+    return [*(make(p) for p in PHASES), *(make_checks(p) for p in PHASES)]

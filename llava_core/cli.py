@@ -3,6 +3,7 @@
 llava-pipeline [--params params.yaml] download <source>
 llava-pipeline convert <dataset>
 llava-pipeline hdf5 <phase>
+llava-pipeline validate <phase>   # Great Expectations gate: exit status 1 and a summary when the data fails
 llava-pipeline train <phase>
 llava-pipeline export
 llava-pipeline export-llava   # checkpoints/phase2 -> models/llava (original LLaVA repository layout)
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("download", help="stage 1: fetch a source into data/raw/<source>").add_argument("source")
     sub.add_parser("convert", help="stage 2: a source file -> data/jsonl/<dataset>.jsonl").add_argument("dataset")
     sub.add_parser("hdf5", help="stage 3: jsonl -> data/hdf5/<phase>").add_argument("phase")
+    sub.add_parser(
+        "validate", help="stage 3 gate: Great Expectations suites -> data/hdf5/<phase>.validation.json"
+    ).add_argument("phase")
     t = sub.add_parser("train", help="stage 4: train one phase under accelerate launch")
     t.add_argument("phase")
     t.add_argument("--num-processes", type=int, default=None)
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline.run_convert(cfg, args.dataset)
     elif args.stage == "hdf5":
         result = pipeline.run_hdf5(cfg, args.phase)
+    elif args.stage == "validate":
+        result = _clean_error(pipeline.run_validate, cfg, args.phase)
     elif args.stage == "train":
         result = pipeline.run_train(cfg, args.phase, num_processes=args.num_processes)
     elif args.stage == "export":
@@ -87,15 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "export-llava":
         result = pipeline.run_export_llava(cfg)
     elif args.stage == "evaluate":
-        result = _clean_judge_error(pipeline.run_evaluate, cfg)
+        result = _clean_error(pipeline.run_evaluate, cfg)
     elif args.stage == "judge":
-        result = _clean_judge_error(pipeline.run_judge, cfg)
+        result = _clean_error(pipeline.run_judge, cfg)
     elif args.stage == "publish":
         result = pipeline.run_publish(cfg)
     elif args.stage == "import-hf":
         result = pipeline.run_import_hf(cfg, args.hf_dir, args.out, args.prompt_style)
     else:
-        result = pipeline.run_all(cfg)
+        result = _clean_error(pipeline.run_all, cfg)
+        if result is None:
+            return 1
         print(json.dumps(result["eval"], indent=2))
         print(f"pipeline finished in {time.perf_counter() - t0:.1f} s")
         return 0
@@ -105,15 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _clean_judge_error(run, cfg):
-    """A failing judge endpoint is one clear line (the answers are already on disk), not a traceback."""
+def _clean_error(run, cfg, *args):
+    """Errors a user acts on are one clear message on stderr and exit status 1, not a traceback: a failing judge
+    endpoint (the answers are already on disk) and data that fails its validation gate (the summary)."""
     from llava_core.judge import JudgeError
+    from llava_core.validate import ValidationFailed
 
     try:
-        return run(cfg)
+        return run(cfg, *args)
     except JudgeError as e:
         print(f"error: judge review failed: {e}", file=sys.stderr)
-        return None
+    except ValidationFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+    return None
 
 
 if __name__ == "__main__":

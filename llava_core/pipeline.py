@@ -1,6 +1,7 @@
 """The stages in order, each returning a JSON-ready summary: shared by the CLI and `dvc.yaml`.
 
 Dagster assets call the same stage functions (`sources.download`, `convert.convert`, `hdf5.build_hdf5`,
+`validate.validate_phase` (asset checks),
 `train.train`, `checkpoint.export_hf`, `checkpoint.export_llava`, `evaluate.evaluate`, `publish.publish`)
 directly; this module adds only the plain summaries and `run_all`, the order of the whole chain.
 """
@@ -37,6 +38,16 @@ def run_hdf5(cfg: PipelineConfig, phase: str) -> dict:
     from llava_core.hdf5 import build_hdf5
 
     return _plain(build_hdf5(cfg, phase))
+
+
+def run_validate(cfg: PipelineConfig, phase: str) -> dict:
+    """The data gate: both suites on the built phase; raises `ValidationFailed` (its summary) on failure."""
+    from llava_core.validate import ValidationFailed, validate_phase
+
+    r = validate_phase(cfg, phase)
+    if not r.success:
+        raise ValidationFailed(r.summary())
+    return {"phase": phase, "path": str(r.path), "success": True, "summary": r.summary()}
 
 
 def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> dict:
@@ -96,6 +107,7 @@ def run_all(cfg: PipelineConfig, log=print) -> dict:
     out["download"] = {s: timed(f"download {s}", run_download, s) for s in cfg.sources}
     out["convert"] = {d: timed(f"convert {d}", run_convert, d) for d in cfg.datasets}
     out["hdf5"] = {p: timed(f"hdf5 {p}", run_hdf5, p) for p in PHASES}
+    out["validate"] = {p: timed(f"validate {p}", run_validate, p) for p in PHASES}
     out["train"] = {p: timed(f"train {p}", run_train, p) for p in PHASES}
     out["export"] = timed("export", run_export)
     out["export_llava"] = timed("export-llava", run_export_llava)

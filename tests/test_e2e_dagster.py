@@ -50,7 +50,12 @@ def test_definitions_load_with_lineage_and_job():
     }
     assert graph.get(dg.AssetKey("hdf5_phase1")).parent_keys == {dg.AssetKey("jsonl_shapes_pretrain")}
     job = defs.resolve_job_def("llava_pipeline")
-    assert {n.name for n in job.nodes} == {k for k in EXPECTED_ASSETS}
+    assert {n.name for n in job.nodes} == EXPECTED_ASSETS | {"validate_phase1", "validate_phase2"}
+    # each hdf5 asset carries its two blocking Great Expectations checks
+    for phase in ("phase1", "phase2"):
+        checks = graph.get(dg.AssetKey(f"hdf5_{phase}")).check_keys
+        assert {c.name for c in checks} == {"jsonl_suite", "hdf5_suite"}
+        assert all(graph.get_check_spec(c).blocking for c in checks)
 
 
 def test_materialize_default_pipeline_learns(tmp_path):

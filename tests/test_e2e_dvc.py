@@ -19,6 +19,8 @@ STAGES = {
     "convert@shapes_instruct",
     "hdf5_phase1",
     "hdf5_phase2",
+    "validate_phase1",
+    "validate_phase2",
     "train_phase1",
     "train_phase2",
     "export_hf",
@@ -68,5 +70,26 @@ def test_hdf5_stage_deps_list_every_dataset_of_the_phase():
     cfg = load_config(PROJECT / "params.yaml")
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     for phase in ("phase1", "phase2"):
-        deps = {d for d in stages[f"hdf5_{phase}"]["deps"] if d.startswith("data/jsonl/")}
-        assert deps == {f"data/jsonl/{d}.jsonl" for d in cfg.datasets_for(phase)}
+        for stage in (f"hdf5_{phase}", f"validate_{phase}"):
+            deps = {d for d in stages[stage]["deps"] if d.startswith("data/jsonl/")}
+            assert deps == {f"data/jsonl/{d}.jsonl" for d in cfg.datasets_for(phase)}, stage
+
+
+def test_training_waits_for_the_validation_gate():
+    """The gate writes the file training depends on, so `dvc repro` orders validate before train and stops
+    at a failing validation; the gate reads the data the hdf5 stage wrote and its own settings."""
+    from llava_core.validate import validation_path
+
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    from llava_core.config import load_config
+
+    cfg = load_config(PROJECT / "params.yaml")
+    for phase in ("phase1", "phase2"):
+        gate = stages[f"validate_{phase}"]
+        result = str(validation_path(cfg, phase).relative_to(PROJECT))
+        assert gate["cmd"] == f"llava-pipeline validate {phase}"
+        assert [next(iter(o)) if isinstance(o, dict) else o for o in gate["outs"]] == [result]
+        assert f"data/hdf5/{phase}" in gate["deps"] and "llava_core/validate.py" in gate["deps"]
+        assert f"hdf5.{phase}" in gate["params"]
+        assert result in stages[f"train_{phase}"]["deps"]
+        assert f"data/hdf5/{phase}" in stages[f"hdf5_{phase}"]["outs"]
