@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -10,28 +11,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoTokenizer
 
 from llava_core.config import PRESETS, load_config
 from llava_core.convert import convert
 from llava_core.hdf5 import LlavaHdf5Dataset, build_hdf5, collate_trimmed, example_rows
 from llava_core.sources import download
-from tests.helpers_unit import TINY_TOKENIZER, base_params, loss_runs, write_params, write_png, write_truncated_png
+from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, answers_of, jsonl_records, read_phase, supervised_answers
+from tests.helpers_unit import TINY_TOKENIZER, base_params, write_params, write_png, write_truncated_png
 
 PHASES = ("phase1", "phase2")
 _VISION = PRESETS["tiny"]()["model"]["vision_config"]
 IMAGE_SIZE = _VISION["image_size"]
 NUM_PATCHES = (_VISION["image_size"] // _VISION["patch_size"]) ** 2
-
-TEXT_ONLY_EXTRA = {
-    "id": "extra_text",
-    "conversations": [
-        {"from": "human", "value": "How many sides does a square have?"},
-        {"from": "gpt", "value": "4"},
-        {"from": "human", "value": "And a triangle?"},
-        {"from": "gpt", "value": "A triangle has 3 sides."},
-    ],
-}
 
 
 def _qa(q, a):
@@ -72,7 +65,22 @@ REJECTED = [
             "conversations": _qa("<image>\nDescribe the image.", " ".join(["circle"] * 300)),
         },
     ),
+    (
+        "image_too_small",
+        {"id": "bad_small", "image": "extra/small.png", "conversations": _qa("<image>\nWhat color?", "red")},
+    ),
+    (
+        "image_path_outside_root",
+        {"id": "bad_escape", "image": "../outside.png", "conversations": _qa("<image>\nWhat color?", "red")},
+    ),
+    ("malformed_record", '{"id": "bad_json", "conversations": [{"from": "human"'),
+    (
+        "odd_number_of_turns",
+        {"id": "bad_odd", "image": "extra/odd.png", "conversations": _qa("<image>\nWhat color?", "red")[:1]},
+    ),
 ]
+# accepted and counted as a note: a GIF named .jpg is decoded as the GIF it is
+GIF_AS_JPG = {"id": "gif_jpg", "image": "extra/gif.jpg", "conversations": _qa("<image>\nWhat is it?", "A grey box.")}
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +97,15 @@ def ws(tmp_path_factory):
     write_truncated_png(extra / "trunc.png")
     write_png(extra / "two.png")
     write_png(extra / "long.png")
+    write_png(extra / "odd.png")
+    write_png(extra / "small.png", size=(4, 4))
+    write_png(cfg.image_root.parent / "outside.png")
+    Image.new("L", (20, 12), 90).save(extra / "gif.jpg", format="GIF")
     with open(cfg.jsonl_path("shapes_instruct"), "a") as f:
         f.write(json.dumps(TEXT_ONLY_EXTRA) + "\n")
+        f.write(json.dumps(GIF_AS_JPG) + "\n")
         for _, rec in REJECTED:
-            f.write(json.dumps(rec) + "\n")
+            f.write((rec if isinstance(rec, str) else json.dumps(rec)) + "\n")
     with open(cfg.jsonl_path("shapes_pretrain"), "a") as f:  # phase 1 trains on images only
         f.write(json.dumps({"id": "pt_text", "conversations": _qa("Describe.", "Nothing.")}) + "\n")
     results = {phase: build_hdf5(cfg, phase) for phase in PHASES}
@@ -102,31 +115,6 @@ def ws(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-
-
-def read_phase(folder: Path):
-    """Plain h5py + json: (data_params, data (N,4,MSL), img paths as str)."""
-    params = json.loads((folder / "data_params.json").read_text())
-    blocks, paths = [], []
-    for entry in params["files"]:
-        with h5py.File(folder / entry["file"], "r") as h5:
-            blocks.append(h5["data"][:])
-            raw = h5["img_path"][:]
-            assert raw.shape == (entry["n_examples"], 1)
-            paths += [p[0].decode() if isinstance(p[0], bytes) else str(p[0]) for p in raw]
-    return params, np.concatenate(blocks), paths
-
-
-def jsonl_records(params) -> list[dict]:
-    recs = []
-    for p in params["settings"]["inputs"]:
-        recs += [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
-    return recs
-
-
-def answers_of(rec: dict, phase: str) -> list[str]:
-    answers = [t["value"].strip() for t in rec["conversations"][1::2]]
-    return answers[:1] if phase == "phase1" else answers  # plain keeps the first answer only
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -174,22 +162,15 @@ def test_loss_tokens_decode_to_the_record_answers(ws, tok, phase):
     records = jsonl_records(params)
     by_image = {r["image"]: r for r in records if "image" in r}
     assert len(by_image) == sum("image" in r for r in records)  # image paths are unique per record
-    text_only_answers = Counter(tuple(answers_of(r, phase)) for r in records if "image" not in r)
+    text_only_answers = Counter(tuple(answers_of(r, cfg.hdf5[phase].prompt_style)) for r in records if "image" not in r)
     seen_text_only: Counter = Counter()
     seen_images = set()
     for row, path in zip(data, paths, strict=True):
-        labels, loss = row[2], row[1]
-        decoded = [tok.decode(labels[s:e].tolist(), skip_special_tokens=False) for s, e in loss_runs(loss)]
-        assert all(d.endswith("</s>") for d in decoded)
-        got = tuple(d[: -len("</s>")] for d in decoded)
-        # inside a run only the last label is EOS
-        for s, e in loss_runs(loss):
-            assert labels[e - 1] == tok.eos_token_id
-            assert tok.eos_token_id not in labels[s : e - 1].tolist()
+        got = supervised_answers(row, tok)
         if path == "None":
             seen_text_only[got] += 1
         else:
-            assert got == tuple(answers_of(by_image[path], phase)), path
+            assert got == tuple(answers_of(by_image[path], cfg.hdf5[phase].prompt_style)), path
             seen_images.add(path)
     if phase == "phase2":
         assert seen_text_only == text_only_answers
@@ -197,7 +178,7 @@ def test_loss_tokens_decode_to_the_record_answers(ws, tok, phase):
         assert params["text_only_examples"] == sum(text_only_answers.values()) >= 1
     else:
         assert not seen_text_only and params["text_only_examples"] == 0
-    rejected_paths = {rec["image"] for _, rec in REJECTED}
+    rejected_paths = {rec["image"] for _, rec in REJECTED if isinstance(rec, dict)}
     assert seen_images == set(by_image) - rejected_paths
 
 
@@ -260,8 +241,10 @@ def test_rejections_are_counted_by_reason(ws):
     params, _, paths = read_phase(cfg.hdf5_dir("phase2"))
     assert params["discarded_by_reason"] == {reason: 1 for reason, _ in REJECTED}
     assert results["phase2"].discarded == {reason: 1 for reason, _ in REJECTED}
-    assert params["examples"] == 21  # 20 converted + the extra text-only record
-    assert not {rec["image"] for _, rec in REJECTED} & set(paths)
+    assert params["examples"] == 22  # 20 converted + the extra text-only record + the GIF named .jpg
+    assert not {rec["image"] for _, rec in REJECTED if isinstance(rec, dict)} & set(paths)
+    assert params["image_notes"] == {"format_differs_from_extension": 1} == results["phase2"].image_notes
+    assert GIF_AS_JPG["image"] in paths
     p1 = json.loads((cfg.hdf5_dir("phase1") / "data_params.json").read_text())
     assert p1["discarded_by_reason"] == {"phase1_without_image": 1}
     assert p1["examples"] == 20
@@ -348,3 +331,21 @@ def test_build_fails_loudly_without_input(tmp_path):
         build_hdf5(cfg, "phase1")
     with pytest.raises(KeyError, match="unknown phase 'phase3'"):
         build_hdf5(cfg, "phase3")
+
+
+def test_reader_with_two_loader_workers_matches_direct_reads(ws):
+    """Handles opened in the parent are never shared: two forked loader workers read every example right."""
+    from torch.utils.data import DataLoader
+
+    cfg, _ = ws
+    ds = LlavaHdf5Dataset(cfg.hdf5_dir("phase2"), cfg.image_root, IMAGE_SIZE)
+    direct = [ds[i] for i in range(len(ds))]  # opens handles in this process first
+    assert ds._handles
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(3)).tolist()  # random access
+    loader = DataLoader(torch.utils.data.Subset(ds, order), batch_size=5, num_workers=2)
+    got = {k: torch.cat([b[k] for b in loader]) for k in ("input_ids", "labels", "loss_mask", "pixel_values")}
+    for k, value in got.items():
+        assert torch.equal(value, torch.stack([direct[i][k] for i in order])), k
+    # a spawned worker gets the dataset pickled: without the parent's handles, reading the same
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._handles == {} and torch.equal(clone[len(ds) - 1]["input_ids"], direct[-1]["input_ids"])

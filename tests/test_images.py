@@ -170,3 +170,42 @@ def test_too_small_image(tmp_path):
     assert ei.value.reason == "image_too_small"
     write_png(tmp_path / "ok.png", size=(8, 8))
     assert check_image(tmp_path, "ok.png", min_size=8) == (tmp_path / "ok.png").resolve()
+
+
+@pytest.mark.parametrize(("size", "shape"), [(32, (50, 30)), (24, (17, 90)), (336, (640, 480)), (32, (32, 32))])
+def test_clip_transform_equals_llava_expand2square_then_clip_processor(size, shape):
+    """The numbers LLaVA's own preprocessing gives: expand2square, then the CLIP image processor."""
+    from transformers import CLIPImageProcessorPil
+
+    pixels = np.random.default_rng(size).integers(0, 256, (shape[1], shape[0], 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    reference = processor(expand_to_square(img), return_tensors="pt")["pixel_values"][0]
+    ours = clip_transform(img, size)
+    assert ours.shape == reference.shape == (3, size, size)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+
+
+def test_checker_notes_format_mismatch_and_animation(tmp_path):
+    from llava_core.images import ANIMATED, FORMAT_MISMATCH, ImageChecker
+
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.jpg", format="GIF", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (16, 16)).save(tmp_path / "real.png")
+    checker = ImageChecker(tmp_path, min_size=8)
+    info = checker.check("anim.jpg")
+    assert (info.format, info.size, info.notes) == ("GIF", (16, 16), (FORMAT_MISMATCH, ANIMATED))
+    assert checker.check("real.png").notes == ()
+
+
+def test_decompression_bomb_is_rejected(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 4x the limit: PIL refuses to open it
+    with pytest.raises(ImageRejected) as ei:
+        check_image(tmp_path, "big.png")
+    assert ei.value.reason == "image_too_large"
