@@ -1,0 +1,1 @@
+"""Measured comparisons (ratios against a baseline measured in the same run); never assertions in tests."""
