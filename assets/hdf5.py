@@ -43,6 +43,12 @@ def build_hdf5_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
 
         return _hdf5
 
+    return [make(p) for p in PHASES]
+
+
+def build_hdf5_checks(cfg: PipelineConfig) -> list[dg.AssetChecksDefinition]:
+    """One `validate_<phase>` op per phase, evaluating both blocking checks of `hdf5_<phase>`."""
+
     def make_checks(phase: str) -> dg.AssetChecksDefinition:
         specs = [
             dg.AssetCheckSpec(
@@ -76,4 +82,4 @@ def build_hdf5_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
 
         return _validate
 
-    return [*(make(p) for p in PHASES), *(make_checks(p) for p in PHASES)]
+    return [make_checks(p) for p in PHASES]

@@ -12,7 +12,7 @@ from assets.convert import build_convert_assets
 from assets.download import build_download_assets
 from assets.evaluate import build_evaluate_assets
 from assets.export import build_export_assets
-from assets.hdf5 import build_hdf5_assets
+from assets.hdf5 import build_hdf5_assets, build_hdf5_checks
 from assets.resources import PipelineSettings, default_params_path
 from assets.train import build_train_assets
 from llava_core.config import PipelineConfig, load_config
@@ -29,6 +29,11 @@ def build_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
     ]
 
 
+def build_checks(cfg: PipelineConfig) -> list[dg.AssetChecksDefinition]:
+    """The blocking data gates (Great Expectations) on the hdf5 assets."""
+    return build_hdf5_checks(cfg)
+
+
 def build_definitions(params_path: str | None = None) -> dg.Definitions:
     params_path = params_path or default_params_path()
     cfg = load_config(params_path)
@@ -39,7 +44,10 @@ def build_definitions(params_path: str | None = None) -> dg.Definitions:
         description="Everything: download -> convert -> hdf5 -> train -> export -> eval.",
     )
     return dg.Definitions(
-        assets=all_assets, jobs=[full], resources={"settings": PipelineSettings(params_path=params_path)}
+        assets=all_assets,
+        asset_checks=build_checks(cfg),
+        jobs=[full],
+        resources={"settings": PipelineSettings(params_path=params_path)},
     )
 
 

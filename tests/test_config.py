@@ -97,6 +97,21 @@ def test_unknown_prompt_style(tmp_path, params):
         assert style in msg
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_workers", 0, "hdf5.phase2: max_sequence_length, shard_size and num_workers must be positive"),
+        ("shard_size", -1, "hdf5.phase2: max_sequence_length, shard_size and num_workers must be positive"),
+        ("max_discarded_fraction", 1.5, "hdf5.phase2.max_discarded_fraction: 1.5 is not between 0 and 1"),
+    ],
+)
+def test_bad_hdf5_numbers(tmp_path, params, key, value, message):
+    params["hdf5"]["phase2"][key] = value
+    with pytest.raises(ConfigError) as ei:
+        load(tmp_path, params)
+    assert str(ei.value) == message
+
+
 def test_global_batch_not_multiple_of_micro(tmp_path, params):
     params["train"]["phase1"].update({"global_batch_size": 48, "micro_batch_size": 32})
     with pytest.raises(ConfigError) as ei:

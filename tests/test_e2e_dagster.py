@@ -14,7 +14,7 @@ import h5py
 import pytest
 
 from assets.resources import PipelineSettings
-from orchestration.definitions import build_assets, build_definitions
+from orchestration.definitions import build_assets, build_checks, build_definitions
 from tests.conftest import e2e_params
 
 pytestmark = pytest.mark.e2e
@@ -67,9 +67,13 @@ def test_materialize_default_pipeline_learns(tmp_path):
     home.mkdir()
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         result = dg.materialize(
-            build_assets(cfg), instance=instance, resources={"settings": PipelineSettings(params_path=str(params))}
+            [*build_assets(cfg), *build_checks(cfg)],
+            instance=instance,
+            resources={"settings": PipelineSettings(params_path=str(params))},
         )
         assert result.success
+        checks = result.get_asset_check_evaluations()
+        assert len(checks) == 4 and all(c.passed for c in checks)  # the data gates let training run
         mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
         assert set(mats) == EXPECTED_ASSETS
         # the instance recorded every materialisation

@@ -8,7 +8,7 @@ import dagster as dg
 from assets.hdf5 import hdf5_key
 from assets.resources import PipelineSettings
 from assets.train import checkpoint_key
-from orchestration.definitions import build_assets
+from orchestration.definitions import build_assets, build_checks
 from tests.helpers_hdf5 import small_workspace
 
 RAN = []
@@ -26,7 +26,7 @@ def _run(cfg, tmp_path, *downstream: dg.AssetKey):
     home.mkdir()
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         result = dg.materialize(
-            [*build_assets(cfg), after_gate],
+            [*build_assets(cfg), *build_checks(cfg), after_gate],
             instance=instance,
             selection=dg.AssetSelection.assets(*selection) | dg.AssetSelection.checks_for_assets(hdf5_key("phase1")),
             resources={"settings": PipelineSettings(params_path=str(cfg.base_dir / "params.yaml"))},
