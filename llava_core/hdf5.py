@@ -394,31 +394,37 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
             k = len(tasks)
             tasks.append((k, str(path), start, end, str(work / f"examples_{k:05d}_{os.getpid()}.h5")))
 
-    with _Pool(spec, hc.num_workers) as pool:
-        results = pool.tasks(tasks)
-        total = _Totals(results, inputs, tasks)
-        if total.examples == 0:
-            raise ValueError(f"{phase}: no example survived ({dict(total.discarded)}) out of {total.processed} records")
-        if len(total.image_starts) != 1:
-            raise AssertionError(
-                f"image slots start at several indices {sorted(total.image_starts)}; the model needs one"
-            )
-        # the shuffle: one seeded permutation of every example, cut into shards
-        order = np.random.default_rng(cfg.seed).permutation(total.examples)
-        owner = np.searchsorted(total.offsets, order, side="right") - 1  # which examples file holds each
-        shards, files = [], []
-        for chunk, begin in enumerate(range(0, total.examples, hc.shard_size)):
-            sel = order[begin : begin + hc.shard_size]
-            own = owner[begin : begin + hc.shard_size]
-            sources = []
-            for r in np.unique(own):
-                where = np.nonzero(own == r)[0]
-                rows = (sel[where] - total.offsets[r]).tolist()
-                sources.append((total.files[r], rows, where.tolist()))
-            name = f"data-{chunk:05d}.h5"
-            shards.append((str(tmp / name), sources, len(sel), spec.msl))
-            files.append({"file": name, "n_examples": len(sel)})
-        pool.shards(shards)
+    try:
+        with _Pool(spec, hc.num_workers) as pool:
+            results = pool.tasks(tasks)
+            total = _Totals(results, inputs, tasks)
+            if len(total.image_starts) > 1:
+                raise AssertionError(
+                    f"image slots start at several indices {sorted(total.image_starts)}; the model needs one"
+                )
+            if total.examples == 0:
+                raise ValueError(
+                    f"{phase}: no example survived ({dict(total.discarded)}) out of {total.processed} records"
+                )
+            # the shuffle: one seeded permutation of every example, cut into shards
+            order = np.random.default_rng(cfg.seed).permutation(total.examples)
+            owner = np.searchsorted(total.offsets, order, side="right") - 1  # which examples file holds each
+            shards, files = [], []
+            for chunk, begin in enumerate(range(0, total.examples, hc.shard_size)):
+                sel = order[begin : begin + hc.shard_size]
+                own = owner[begin : begin + hc.shard_size]
+                sources = []
+                for r in np.unique(own):
+                    where = np.nonzero(own == r)[0]
+                    rows = (sel[where] - total.offsets[r]).tolist()
+                    sources.append((total.files[r], rows, where.tolist()))
+                name = f"data-{chunk:05d}.h5"
+                shards.append((str(tmp / name), sources, len(sel), spec.msl))
+                files.append({"file": name, "n_examples": len(sel)})
+            pool.shards(shards)
+    except BaseException:  # a failed run leaves no temporary files behind (a killed one: the next run removes them)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(work)
 
     image_start = next(iter(total.image_starts))

@@ -349,3 +349,14 @@ def test_reader_with_two_loader_workers_matches_direct_reads(ws):
     # a spawned worker gets the dataset pickled: without the parent's handles, reading the same
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._handles == {} and torch.equal(clone[len(ds) - 1]["input_ids"], direct[-1]["input_ids"])
+
+
+def test_nothing_surviving_is_an_error_naming_the_reasons_and_leaves_nothing(tmp_path):
+    cfg = load_config(write_params(tmp_path, base_params(tmp_path / "ws")))
+    for ds in ("shapes_pretrain", "shapes_instruct"):
+        cfg.jsonl_path(ds).parent.mkdir(parents=True, exist_ok=True)
+        cfg.jsonl_path(ds).write_text("not json\n{}\n")
+    with pytest.raises(ValueError, match=r"phase2: no example survived \(\{'malformed_record': 2\}\) out of 2 records"):
+        build_hdf5(cfg, "phase2")
+    assert not cfg.hdf5_dir("phase2").exists()
+    assert list(cfg.hdf5_dir("phase2").parent.iterdir()) == []  # no temporary folder left either
