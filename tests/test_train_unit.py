@@ -346,3 +346,30 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path):
     assert find_resume(work, other, "never", "phase1") is None
     assert json.loads((work / RESUME_KEY).read_text())["train"]["learning_rate"] == 1e-3
     assert Path(work / "step-00000004").is_dir()
+
+
+def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
+    """The project's dvc.yaml `plots:` over checkpoints/<phase>/loss_curve.csv, through real `dvc plots show`."""
+    import shutil
+    import subprocess
+
+    shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    for phase, records in (("phase1", RECORDS[:4]), ("phase2", RECORDS[:6])):
+        (tmp_path / "checkpoints" / phase).mkdir(parents=True)
+        write_loss_curve(records, tmp_path / "checkpoints" / phase / "loss_curve.csv")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=venv_env)
+    out = subprocess.run(
+        ["dvc", "plots", "show", "--json"], cwd=tmp_path, check=True, env=venv_env, capture_output=True, text=True
+    ).stdout
+    plots = json.loads(out)["data"]
+    values = plots["train_loss"][0]["content"]["data"]["values"]
+    by_file = {}
+    for v in values:
+        by_file.setdefault(v["filename"], []).append((int(v["step"]), float(v["loss"])))
+    assert by_file == {
+        "phase1/loss_curve.csv": [(r["step"], r["loss"]) for r in RECORDS[:4]],
+        "phase2/loss_curve.csv": [(r["step"], r["loss"]) for r in RECORDS[:6]],
+    }
+    assert "train_lr" in plots
