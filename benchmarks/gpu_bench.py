@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from llava_core.config import PRESETS
 from llava_core.model import LlavaModel, apply_freeze, enable_gradient_checkpointing
 from llava_core.observe import PEAK_BF16_TFLOPS, flops_model, peak_flops, train_flops
 
@@ -59,24 +60,10 @@ LLAMA_1B = {
     "num_attention_heads": 32,
     "num_key_value_heads": 4,
 }
-TINY_VISION = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 4,
-    "hidden_act": "quick_gelu",
-}
-TINY_TEXT = {
-    **LLAMA_7B,
-    "hidden_size": 128,
-    "intermediate_size": 344,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "vocab_size": 774,
-}
+# --smoke: the tiny preset's own towers (llava_core/config.py), with its tokenizer's vocabulary
+_TINY = PRESETS["tiny"]()["model"]
+TINY_VISION = _TINY["vision_config"]
+TINY_TEXT = {**_TINY["text_config"], "vocab_size": 774}
 
 FREEZE = {"phase1": ["^image_model", "^text_model"], "phase2": ["^image_model"]}
 # The LLaVA-1.5-7B recipe (REFERENCE.md section 2) and what a sample holds. The text lengths are assumptions
