@@ -26,7 +26,7 @@ test-fast: setup  ## unit tests only
 	$(VENV)/bin/pytest -q -m "not e2e"
 
 lint: setup
-	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts
+	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts benchmarks
 
 lock:  ## re-pin the whole dependency tree after changing pyproject.toml (torch stays the +cpu build)
 	rm -f requirements.lock.new

@@ -30,8 +30,12 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
-def record_info(folder: Path, block: int = 4096) -> RecordInfo:
-    """Modality and attended length of every example of an HDF5 folder, in the dataset's order."""
+def record_info(folder: Path, with_lengths: bool = True, block: int = 4096) -> RecordInfo:
+    """Modality and attended length of every example of an HDF5 folder, in the dataset's order.
+
+    The lengths need a pass over all token rows (the whole `data` array); without `with_lengths` only the
+    image paths are read and every length is 0.
+    """
     import json
 
     params = json.loads((Path(folder) / "data_params.json").read_text())
@@ -40,9 +44,12 @@ def record_info(folder: Path, block: int = 4096) -> RecordInfo:
         with h5py.File(Path(folder) / f["file"], "r") as h5:
             n = h5["data"].shape[0]
             for start in range(0, n, block):
-                pad = h5["data"][start : start + block, 3, :]  # (b, MSL), 1 = do not attend
-                lengths.append((pad == 0).sum(axis=1))
                 paths = h5["img_path"][start : start + block, 0]
+                if with_lengths:
+                    pad = h5["data"][start : start + block, 3, :]  # (b, MSL), 1 = do not attend
+                    lengths.append((pad == 0).sum(axis=1))
+                else:
+                    lengths.append(np.zeros(len(paths), dtype=np.int64))
                 images.append(np.array([_as_bytes(p) != NO_IMAGE for p in paths], dtype=bool))
     if not lengths:
         return RecordInfo(np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))

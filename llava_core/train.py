@@ -155,7 +155,7 @@ class Recipe:
                 f"{self.tc.micro_batch_size} x {world} processes"
             )
         self.accum = self.tc.global_batch_size // (self.tc.micro_batch_size * world)
-        self.records = record_info(self.data_dir)
+        self.records = record_info(self.data_dir, with_lengths=self.tc.group_by_modality_length)
         # a text-only batch leaves the projector unused: DDP must then look for unused parameters
         ddp = DistributedDataParallelKwargs(find_unused_parameters=not bool(self.records.has_image.all()))
         self.accelerator = Accelerator(
@@ -395,7 +395,9 @@ class Recipe:
                     last = self._log_window(window, pos, scheduler, grad_norm, steps_per_epoch, fm, peak, totals)
                     window = self._new_window()
                 if self.tc.save_every and pos.step % self.tc.save_every == 0 and pos.step < total_steps:
+                    t_save = time.perf_counter()
                     self._save_checkpoint(pos.step)
+                    window["t"] += time.perf_counter() - t_save  # the window's rates measure training alone
                 if pos.step >= total_steps:
                     break
             else:  # the epoch ran out (an accumulation group may go on in the next one)

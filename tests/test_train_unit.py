@@ -174,6 +174,9 @@ def test_record_info_matches_the_dataset(small_workspace):
         ex = ds[i]
         assert bool(info.has_image[i]) == bool(ex["has_image"])
         assert int(info.length[i]) == int(ex["attention_mask"].sum())
+    cheap = record_info(cfg.hdf5_dir("phase2"), with_lengths=False)  # image paths only
+    assert np.array_equal(cheap.has_image, info.has_image) and not cheap.length.any()
+    assert (~info.has_image).any() and info.has_image.any()  # both modalities were checked
 
 
 # --- model: gradient checkpointing, LoRA --------------------------------------------------------------------
