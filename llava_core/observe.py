@@ -266,3 +266,7 @@ class TrainObserver:
 
     def close(self) -> None:
         self._stack.close()
+
+    def fail(self, exc: BaseException) -> None:
+        """Close everything, handing the exception to Dagster (the run shows it) when under Pipes."""
+        self._stack.__exit__(type(exc), exc, exc.__traceback__)

@@ -539,7 +539,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     raw = json.loads(Path(args.config_json).read_text())
     base = Path(raw.pop("base_dir"))
-    Recipe(config_from_dict(raw, base), args.phase).train()
+    recipe = Recipe(config_from_dict(raw, base), args.phase)
+    try:
+        recipe.train()
+    except BaseException as e:
+        if recipe.observer is not None:
+            recipe.observer.fail(e)
+        raise
 
 
 if __name__ == "__main__":

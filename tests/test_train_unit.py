@@ -327,6 +327,9 @@ def test_observer_writes_metrics_and_tensorboard_and_truncates_on_resume(tmp_pat
     losses = [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")]
     assert losses == [(1, 4.9), (2, 4.8), (3, 4.7), (4, 9.0)]  # purged past the checkpoint, then continued
     assert not (TrainObserver(tmp_path / "other", "phase1", 3, 0, main=False, tensorboard=True).tb)
+    failing = TrainObserver(tmp_path, "phase1", 30, 4, main=True, tensorboard=True)
+    failing.fail(RuntimeError("out of memory"))  # a crashing run still closes (and under Pipes, reports) it all
+    assert failing.metrics_f.closed
 
 
 # --- resume decision --------------------------------------------------------------------------------------
