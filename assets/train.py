@@ -1,7 +1,10 @@
 """Stage 4 assets: `checkpoint_phase1` (projector) then `checkpoint_phase2` (projector + LLM).
 
-Each asset starts the training process (`accelerate launch`) through the stage function; the model and
-the loop live in that process, never in the asset.
+Each asset starts the training process (`accelerate launch`, the same command as the CLI and DVC) through
+Dagster Pipes: the launched main process streams its log lines and metrics records to the run and reports
+the materialisation metadata (summary numbers, the loss curve). The model and the loop live in that
+process, never in the asset. The assets run in the concurrency pool `gpu` (set its limit to the number of
+training jobs the machine can hold, e.g. `dagster instance concurrency set gpu 1`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import dagster as dg
 from assets.hdf5 import hdf5_key
 from assets.resources import PipelineSettings
 from llava_core.config import PHASES
-from llava_core.train import previous_phase, train
+from llava_core.train import finished, launch_command, launch_env, previous_phase
+
+TRAIN_POOL = "gpu"
 
 
 def checkpoint_key(phase: str) -> dg.AssetKey:
@@ -28,22 +33,18 @@ def build_train_assets() -> list[dg.AssetsDefinition]:
             deps=deps,
             group_name="train",
             kinds={"pytorch"},
-            description=f"Trained {phase} checkpoint in checkpoints/{phase}/.",
+            pool=TRAIN_POOL,
+            description=f"Trained {phase} checkpoint in checkpoints/{phase}/ (resumes a killed run of the same config).",
         )
-        def _ckpt(settings: PipelineSettings) -> dg.MaterializeResult:
-            r = train(settings.load(), phase)
-            s = r.summary
-            return dg.MaterializeResult(
-                metadata={
-                    "path": dg.MetadataValue.path(str(r.path)),
-                    "steps": r.steps,
-                    "final_loss": r.final_loss,
-                    "first_loss": s["first_loss"],
-                    "seconds": s["seconds"],
-                    "trainable_parameters": s["trainable_parameters"],
-                    "total_parameters": s["total_parameters"],
-                }
+        def _ckpt(context, settings: PipelineSettings) -> dg.MaterializeResult:  # context: AssetExecutionContext
+            cfg = settings.load()
+            invocation = dg.PipesSubprocessClient().run(
+                context=context, command=launch_command(cfg, phase), env=launch_env()
             )
+            custom = invocation.get_custom_messages()
+            finished(cfg, phase)  # the summary must be there (a complete checkpoint); removes the launch spec
+            reported = invocation.get_materialize_result()  # what the training process reported through Pipes
+            return dg.MaterializeResult(metadata={**reported.metadata, "pipes_metrics_records": len(custom)})
 
         return _ckpt
 

@@ -1,1 +1,1 @@
-"""Measured comparisons (ratios against a baseline measured in the same run); never assertions in tests."""
+"""Measured comparisons against a baseline taken in the same run (never timed assertions in tests)."""

@@ -119,6 +119,19 @@ class Hdf5PhaseConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the language model's attention projections; the base LM weights stay frozen."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass
 class TrainPhaseConfig:
     epochs: float
     global_batch_size: int
@@ -132,6 +145,18 @@ class TrainPhaseConfig:
     accelerate_config: str = "configs/accelerate/cpu.yaml"
     log_every: int = 10
     num_workers: int = 0
+    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: none before the end
+    keep_last: int = 2  # resumable checkpoints kept while the phase runs (removed when it completes)
+    resume: str = "auto"  # auto: continue a partial run of the same config (a changed one is an error); never
+    gradient_checkpointing: bool = False
+    group_by_modality_length: bool = False  # image and text-only records in separate, length-grouped batches
+    lora: LoraConfig | None = None  # LoRA on the LM (merged into the saved weights at the end)
+    tensorboard: bool = True  # event files in <checkpoint>/tensorboard/
+    peak_tflops: float | None = None  # per-device peak for the MFU estimate; None: known GPUs only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = _from_dict(LoraConfig, self.lora, "train.lora")
 
 
 @dataclass
@@ -395,6 +420,17 @@ class PipelineConfig:
                 )
             if t.mixed_precision not in ("no", "bf16", "fp16"):
                 raise ConfigError(f"train.{phase}.mixed_precision: {t.mixed_precision!r}; valid: no, bf16, fp16")
+            if t.resume not in RESUME_MODES:
+                raise ConfigError(f"train.{phase}.resume: {t.resume!r}; valid: {list(RESUME_MODES)}")
+            if t.save_every < 0 or t.keep_last < 1 or t.log_every < 1:
+                raise ConfigError(
+                    f"train.{phase}: save_every must be >= 0, keep_last >= 1 and log_every >= 1 "
+                    f"(got {t.save_every}, {t.keep_last}, {t.log_every})"
+                )
+            if t.lora is not None and (t.lora.r < 1 or not t.lora.target_modules or not 0 <= t.lora.dropout < 1):
+                raise ConfigError(f"train.{phase}.lora: r must be >= 1, target_modules non-empty, 0 <= dropout < 1")
+            if t.peak_tflops is not None and t.peak_tflops <= 0:
+                raise ConfigError(f"train.{phase}.peak_tflops must be positive")
         from llava_core.metrics import METRICS
 
         for cat, metric in {**self.eval.metrics, "<default>": self.eval.default_metric}.items():

@@ -126,23 +126,81 @@ class FreezeReport:
         return f"trainable {self.trainable:,} / {self.trainable + self.frozen:,} parameters ({parts})"
 
 
-def apply_freeze(model: nn.Module, patterns: list[str]) -> FreezeReport:
-    """Freeze every parameter whose name matches one of the regex patterns; report what trains."""
-    compiled = [re.compile(p) for p in patterns]
+def trainable_report(model: nn.Module) -> FreezeReport:
+    """What trains now: parameter counts, and the trainable ones by top-level module."""
     trainable = frozen = 0
     prefixes: dict[str, int] = {}
     for name, param in model.named_parameters():
-        train = not any(c.search(name) for c in compiled)
-        param.requires_grad_(train)
-        if train:
+        if param.requires_grad:
             trainable += param.numel()
             top = name.split(".")[0]
             prefixes[top] = prefixes.get(top, 0) + param.numel()
         else:
             frozen += param.numel()
-    if trainable == 0:
-        raise ValueError(f"freeze patterns {patterns} leave nothing to train")
     return FreezeReport(trainable, frozen, prefixes)
+
+
+def apply_freeze(model: nn.Module, patterns: list[str]) -> FreezeReport:
+    """Freeze every parameter whose name matches one of the regex patterns; report what trains."""
+    compiled = [re.compile(p) for p in patterns]
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(c.search(name) for c in compiled))
+    report = trainable_report(model)
+    if report.trainable == 0:
+        raise ValueError(f"freeze patterns {patterns} leave nothing to train")
+    return report
+
+
+def enable_gradient_checkpointing(model: LlavaModel) -> None:
+    """Recompute activations in the backward pass (transformers' non-reentrant checkpointing) in both towers.
+
+    Non-reentrant checkpointing lets gradients reach the projector through a frozen language model, which the
+    reentrant variant would cut when no input of a checkpointed block requires grad.
+    """
+    kwargs = {"use_reentrant": False}
+    model.text_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    model.text_model.config.use_cache = False
+    if any(p.requires_grad for p in model.image_model.parameters()):
+        model.image_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+
+
+def apply_lora(model: LlavaModel, r: int, alpha: int, dropout: float, target_modules: list[str]) -> FreezeReport:
+    """LoRA adapters (peft) on the language model's `target_modules`; only they train in the LM.
+
+    The base LM weights are frozen whatever the freeze patterns said about `^text_model`; the projector and
+    the vision tower keep their freeze state. `merge_lora` folds the adapters back before saving, so a
+    checkpoint stays a plain `LlavaModel` that export and conversion read unchanged.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.text_model.named_modules()}
+    missing = sorted(set(target_modules) - names)
+    if missing:
+        raise ValueError(f"lora.target_modules {missing} are not modules of the language model")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    model.text_model = get_peft_model(model.text_model, config)
+    return trainable_report(model)
+
+
+def has_lora(model: LlavaModel) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model.text_model, PeftModel)
+
+
+def lora_state(model: LlavaModel) -> tuple[dict[str, torch.Tensor], dict]:
+    """(adapter weights as peft saves them, adapter config) of a model with LoRA."""
+    from peft import get_peft_model_state_dict
+
+    peft_model = model.text_model
+    return get_peft_model_state_dict(peft_model), peft_model.peft_config["default"].to_dict()
+
+
+def merge_lora(model: LlavaModel) -> LlavaModel:
+    """Fold the LoRA adapters into the LM weights (W + B A * alpha / r) and drop the peft wrappers."""
+    if has_lora(model):
+        model.text_model = model.text_model.merge_and_unload()
+    return model
 
 
 def build_model(cfg: PipelineConfig, vocab_size: int, special_ids: dict[str, int]) -> LlavaModel:
@@ -184,12 +242,15 @@ def model_from_config_dict(d: dict) -> LlavaModel:
     return LlavaModel(vision, text, d.get("vision_feature_layer", -2))
 
 
-def save_model(model: LlavaModel, folder: Path) -> None:
-    """Weights (safetensors) + architecture config into `folder` (the caller makes it atomic)."""
+def save_model(model: LlavaModel, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights (safetensors) + architecture config into `folder` (the caller makes it atomic).
+
+    `state` is the full state dict when the caller gathered it (FSDP / ZeRO-3 shards); default: the model's.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / MODEL_CONFIG).write_text(json.dumps(model_config_dict(model), indent=2, default=str))
 

@@ -1,0 +1,195 @@
+"""Tokens per second of this project's training loop against Hugging Face `Trainer`, same model, data, settings.
+
+Both train phase 2 of the tiny preset (projector + language model) on the same HDF5 data with the same
+micro-batch, accumulation, optimizer (AdamW with weight decay groups), warmup + cosine schedule, clipping
+and number of optimizer steps, on CPU, in one run. Ours runs as the pipeline runs it (`accelerate launch`,
+its own process); `Trainer` runs in this process with the same thread count. Tokens are attended
+(non-padding) tokens, counted in the collate function for `Trainer` and by the loop itself for ours; each
+side's time is its own training loop (model building and data setup excluded, the first steps included).
+The two alternate and each reports its best repeat, since the machine may be shared.
+
+    python -m benchmarks.bench_train [--quick]     # writes benchmarks/results/bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+RESULTS = PROJECT / "benchmarks" / "results"
+
+
+def _workspace(root: Path, records: int, epochs: float) -> Path:
+    """A params file for the tiny preset on `records` generated conversations, everything under `root`."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["workspace"]["root"] = str(root)
+    params["sources"]["synthetic_shapes"]["options"].update(
+        {"num_pretrain": 16, "num_instruct": records, "num_eval_images": 2}
+    )
+    for phase in ("phase1", "phase2"):
+        params["train"][phase]["accelerate_config"] = str(PROJECT / "configs" / "accelerate" / "cpu.yaml")
+    params["train"]["phase2"].update(
+        {"epochs": epochs, "global_batch_size": 16, "micro_batch_size": 8, "log_every": 5, "tensorboard": False}
+    )
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _prepare(params: Path):
+    """Data for phase 2 and a phase-1 checkpoint holding the seeded initial weights (speed, not learning)."""
+    from llava_core import pipeline
+    from llava_core.config import load_config, write_json_atomic
+    from llava_core.model import build_model, save_model
+    from llava_core.tokenizer import load_tokenizer
+
+    cfg = load_config(params)
+    pipeline.run_download(cfg, "synthetic_shapes")
+    pipeline.run_convert(cfg, "shapes_instruct")
+    pipeline.run_hdf5(cfg, "phase2")
+    tok = load_tokenizer(cfg.resolve_file(cfg.model.tokenizer))
+    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    p1 = cfg.checkpoint_dir("phase1")
+    save_model(build_model(cfg, len(tok), special), p1)
+    tok.save_pretrained(p1 / "tokenizer")
+    write_json_atomic(p1 / "train_summary.json", {"phase": "phase1", "note": "initial weights for the benchmark"})
+    return cfg
+
+
+def _ours(cfg) -> dict:
+    from llava_core.train import train
+
+    s = train(cfg, "phase2").summary
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "samples_per_s": s["samples_per_s"],
+        "steps": s["steps"],
+        "seconds": s["seconds"],
+        "final_loss": s["final_loss"],
+    }
+
+
+class _LossOnly(torch.nn.Module):
+    """`Trainer` calls model(**batch) and reads `loss`: the same LlavaModel forward and masked loss."""
+
+    def __init__(self, model, image_start: int) -> None:
+        super().__init__()
+        self.model, self.image_start = model, image_start
+
+    def forward(self, input_ids, attention_mask, pixel_values, has_image, labels, loss_mask):
+        _, loss = self.model(
+            input_ids, attention_mask, pixel_values, has_image, self.image_start, labels=labels, loss_mask=loss_mask
+        )
+        return {"loss": loss}
+
+
+def _trainer(cfg, out: Path) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from llava_core.hdf5 import LlavaHdf5Dataset, collate_trimmed
+    from llava_core.model import apply_freeze, load_model
+
+    tc = cfg.train["phase2"]
+    model = load_model(cfg.checkpoint_dir("phase1"))
+    apply_freeze(model, tc.freeze)
+    ds = LlavaHdf5Dataset(cfg.hdf5_dir("phase2"), cfg.image_root, cfg.model.image_size)
+    counted = {"tokens": 0, "samples": 0}
+
+    def collate(examples):
+        batch = collate_trimmed(examples)
+        counted["tokens"] += int(batch["attention_mask"].sum())
+        counted["samples"] += len(examples)
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=tc.micro_batch_size,
+        gradient_accumulation_steps=tc.global_batch_size // tc.micro_batch_size,
+        num_train_epochs=tc.epochs,
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=tc.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=tc.weight_decay,
+        max_grad_norm=tc.max_grad_norm,
+        logging_steps=tc.log_every,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=tc.num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=cfg.seed,
+    )
+    trainer = Trainer(model=_LossOnly(model, ds.image_start), args=args, train_dataset=ds, data_collator=collate)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    return {
+        "tokens_per_s": counted["tokens"] / seconds,
+        "samples_per_s": counted["samples"] / seconds,
+        "steps": result.global_step,
+        "seconds": seconds,
+        "final_loss": result.training_loss,
+    }
+
+
+def _best(runs: list[dict]) -> dict:
+    """The fastest of the repeats: on a shared machine the slower ones measure the neighbours."""
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    return {**best, "tokens_per_s_each": [r["tokens_per_s"] for r in runs]}
+
+
+def run(quick: bool = False, out_dir: Path = RESULTS) -> dict:
+    """Both loops on the same data, alternating, best of the repeats; returns (and writes) tokens/s and the ratio."""
+    records, epochs, repeats = (96, 1, 1) if quick else (256, 1, 2)
+    ours_runs, their_runs = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        root = Path(tmp)
+        cfg = _prepare(_workspace(root, records, epochs))
+        for k in range(repeats):
+            ours_runs.append(_ours(cfg))
+            their_runs.append(_trainer(cfg, root / f"hf_trainer_{k}"))
+    ours, theirs = _best(ours_runs), _best(their_runs)
+    result = {
+        "benchmark": "train_loop_vs_hf_trainer",
+        "quick": quick,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "records": records,
+        "epochs": epochs,
+        "repeats": repeats,
+        "ours": ours,
+        "hf_trainer": theirs,
+        "hf_trainer_optim": "TrainingArguments default",
+        "tokens_per_s_ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a short run (96 records, one epoch, no repeat)")
+    r = run(ap.parse_args().quick)
+    print(json.dumps(r, indent=2))
+    print(
+        f"ours {r['ours']['tokens_per_s']:.0f} tok/s, HF Trainer {r['hf_trainer']['tokens_per_s']:.0f} tok/s: "
+        f"ratio {r['tokens_per_s_ratio']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""What a training run shows: metrics JSON lines, TensorBoard, a progress bar, Dagster Pipes, FLOPs and MFU.
+
+Only the main process observes. Under Dagster Pipes (the asset launched the run with
+`PipesSubprocessClient`, which sets `DAGSTER_PIPES_CONTEXT`) it also streams its log lines and each metrics
+record to the asset and reports the final metadata; started from the CLI or DVC the same code runs without
+Pipes. This module imports `dagster_pipes` (the small protocol package), never `dagster`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llava_core.model import LlavaModel
+
+METRICS = "metrics.jsonl"
+LOSS_CURVE = "loss_curve.csv"
+CURVE_FIELDS = ("step", "loss", "lr", "grad_norm")
+
+# Dense bf16 peak TFLOPs per device (vendor datasheets) by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0}
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------------
+@dataclass
+class FlopsModel:
+    """Parameter counts that set the training FLOPs (see `train_flops`)."""
+
+    lm_params: int  # language-model matmul weights (embedding table excluded, output head included)
+    lm_trainable: int  # of which train (full fine-tuning; LoRA adapters count here)
+    lm_layers: int
+    lm_hidden: int
+    vision_params: int
+    vision_trainable: bool
+    projector_params: int
+    projector_trainable: bool
+    patches: int  # image tokens per image (vision tower sequence = patches + 1 with CLS)
+
+
+def flops_model(model: LlavaModel) -> FlopsModel:
+    """Count the weights that do matmuls per token in each part of the model."""
+    text = model.text_model
+    table = {id(p) for p in text.get_input_embeddings().parameters()}  # a lookup, not a matmul
+    lm = [(n, p) for n, p in text.named_parameters() if p.ndim >= 2 and id(p) not in table]
+    vision = [p for p in model.image_model.parameters() if p.ndim >= 2]
+    tcfg = getattr(text, "config", None)
+    return FlopsModel(
+        lm_params=sum(p.numel() for _, p in lm),
+        lm_trainable=sum(p.numel() for _, p in lm if p.requires_grad),
+        lm_layers=int(tcfg.num_hidden_layers),
+        lm_hidden=int(tcfg.hidden_size),
+        vision_params=sum(p.numel() for p in vision),
+        vision_trainable=any(p.requires_grad for p in model.image_model.parameters()),
+        projector_params=sum(p.numel() for p in model.projector.parameters()),
+        projector_trainable=any(p.requires_grad for p in model.projector.parameters()),
+        patches=model.num_patches,
+    )
+
+
+def train_flops(fm: FlopsModel, tokens: int, images: int, seq_len: int) -> float:
+    """Training FLOPs of `tokens` attended LM tokens (sequences of about `seq_len`) and `images` images.
+
+    A matmul weight costs 2 FLOPs per token forward, 2 more backward for the gradient of its input and 2 more
+    for its own gradient when it trains (the 6N rule, split so frozen parts pay only what they do):
+    - language model: 2N forward + 2N input-gradient (gradients always flow back to the projector)
+      + 2N_trainable; attention scores and values add 2 * 2 * layers * seq_len * hidden per token forward,
+      twice that backward (the PaLM appendix-B term, full, not halved for the causal mask);
+    - projector (per patch): 2P forward + 2P input-gradient only when the vision tower trains + 2P when it trains;
+    - vision tower (per patch + CLS token): 2V forward, plus 4V backward only when it trains.
+    """
+    lm = (4 * fm.lm_params + 2 * fm.lm_trainable) * tokens
+    attention = 3 * (4 * fm.lm_layers * seq_len * fm.lm_hidden) * tokens
+    patch_tokens = images * fm.patches
+    proj = 2 * fm.projector_params * patch_tokens
+    if fm.projector_trainable:
+        proj += 2 * fm.projector_params * patch_tokens
+    if fm.vision_trainable:
+        proj += 2 * fm.projector_params * patch_tokens
+    vision = (6 if fm.vision_trainable else 2) * fm.vision_params * images * (fm.patches + 1)
+    return float(lm + attention + proj + vision)
+
+
+def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else the table for known GPUs, else None (no MFU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not device_name:
+        return None
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
+# --- loss curve -------------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_loss_curve(records: list[dict], path: Path) -> None:
+    """The DVC plots file: one row per logged step (step, loss, lr, grad_norm)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CURVE_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CURVE_FIELDS})
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
+
+
+def downsample(records: list[dict], rows: int) -> list[dict]:
+    """At most `rows` records, evenly spaced, always keeping the first and the last."""
+    if len(records) <= rows:
+        return list(records)
+    picks = sorted({round(i * (len(records) - 1) / (rows - 1)) for i in range(rows)})
+    return [records[i] for i in picks]
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))] for v in values)
+
+
+def loss_curve_markdown(records: list[dict], rows: int = 20) -> str:
+    """The loss curve as a sparkline and a table (at most `rows` rows) for the asset's metadata."""
+    if not records:
+        return "no steps logged"
+    picked = downsample(records, rows)
+    lines = [
+        f"loss {sparkline([r['loss'] for r in downsample(records, 60)])} "
+        f"({records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} over {records[-1]['step']} steps)",
+        "",
+        "| step | loss | lr | grad norm |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in picked:
+        gn = "" if r.get("grad_norm") is None else f"{r['grad_norm']:.3f}"
+        lines.append(f"| {r['step']} | {r['loss']:.4f} | {r['lr']:.2e} | {gn} |")
+    return "\n".join(lines)
+
+
+def summary_metadata(summary: dict, records: list[dict], folder: Path) -> dict[str, Any]:
+    """The asset metadata of a finished phase, as Pipes metadata values (raw values are inferred)."""
+    meta: dict[str, Any] = {
+        "path": {"raw_value": str(folder), "type": "path"},
+        "loss_curve": {"raw_value": loss_curve_markdown(records), "type": "md"},
+    }
+    for key in (
+        "steps",
+        "final_loss",
+        "first_loss",
+        "seconds",
+        "trainable_parameters",
+        "total_parameters",
+        "tokens_per_s",
+        "samples_per_s",
+        "mfu",
+        "resumed_from_step",
+        "processes",
+    ):
+        if summary.get(key) is not None:
+            meta[key] = summary[key]
+    return meta
+
+
+# --- the observer -----------------------------------------------------------------------------------------
+def under_pipes() -> bool:
+    """Whether a Dagster Pipes orchestrator launched this process."""
+    from dagster_pipes import PipesEnvVarParamsLoader
+
+    return PipesEnvVarParamsLoader().is_dagster_pipes_process()
+
+
+class TrainObserver:
+    """Main-process sink for each metrics record: JSON lines, TensorBoard, tqdm and (under Pipes) Dagster.
+
+    `start_step` > 0 means a resumed run: records after it (written by the killed run past its last
+    checkpoint) are dropped from metrics.jsonl and TensorBoard, so the files hold one loss curve.
+    """
+
+    def __init__(
+        self, folder: Path, phase: str, total_steps: int, start_step: int, main: bool, tensorboard: bool
+    ) -> None:
+        self.folder, self.phase, self.main = Path(folder), phase, main
+        self._stack = ExitStack()
+        self.pipes = None
+        self.tb = None
+        self.bar = None
+        if not main:
+            return
+        path = self.folder / METRICS
+        kept = [r for r in read_metrics(path) if r["step"] <= start_step]
+        tmp = path.with_name(f".{METRICS}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+        self.metrics_f = self._stack.enter_context(open(path, "a"))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.folder / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._stack.callback(self.tb.close)
+        from tqdm import tqdm
+
+        # disable=None: a bar on a terminal, nothing in CI logs and files
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, unit="step", disable=None, leave=True)
+        self._stack.callback(self.bar.close)
+        if under_pipes():
+            from dagster_pipes import open_dagster_pipes
+
+            self.pipes = self._stack.enter_context(open_dagster_pipes())
+
+    def log(self, msg: str) -> None:
+        if not self.main:
+            return
+        line = f"[{self.phase}] {msg}"
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        if self.pipes is not None:
+            self.pipes.log.info(line)
+
+    def replay(self, lines: list[str]) -> None:
+        """Send lines printed before the observer existed to Dagster (they are on stdout already)."""
+        if self.pipes is not None:
+            for line in lines:
+                self.pipes.log.info(f"[{self.phase}] {line}")
+
+    def record(self, rec: dict) -> None:
+        if not self.main:
+            return
+        self.metrics_f.write(json.dumps(rec) + "\n")
+        self.metrics_f.flush()
+        if self.tb is not None:
+            for key, value in rec.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(f"train/{key}", value, rec["step"])
+            self.tb.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+        if self.pipes is not None:
+            self.pipes.report_custom_message({"phase": self.phase, **rec})
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def finish(self, metadata: dict[str, Any]) -> None:
+        """Report the finished phase to the asset (under Pipes) and close everything."""
+        if self.pipes is not None:
+            self.pipes.report_asset_materialization(metadata=metadata)
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def fail(self, exc: BaseException) -> None:
+        """Close everything, handing the exception to Dagster (the run shows it) when under Pipes."""
+        self._stack.__exit__(type(exc), exc, exc.__traceback__)
