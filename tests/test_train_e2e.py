@@ -165,8 +165,8 @@ def test_two_cpu_processes_train_lora_phase2_and_checkpoint(tmp_path, data_root,
     q = "text_model.model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[q], before[q])
     assert torch.equal(
-        merged["image_model.vision_model.embeddings.patch_embedding.weight"],
-        before["image_model.vision_model.embeddings.patch_embedding.weight"],
+        merged["image_model.embeddings.patch_embedding.weight"],
+        before["image_model.embeddings.patch_embedding.weight"],
     )
     assert json.loads((r.path / SUMMARY).read_text())["steps"] == s["steps"]
     assert [rec["step"] for rec in read_metrics(r.path / "metrics.jsonl")] == list(range(1, s["steps"] + 1))
