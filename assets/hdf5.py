@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets.convert import jsonl_key
 from assets.resources import PipelineSettings
+from assets.versioning import versioned
 from llava_core.config import PHASES, PipelineConfig
 from llava_core.hdf5 import build_hdf5
 
@@ -23,6 +24,7 @@ def build_hdf5_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
             kinds={"hdf5"},
             description=f"Tokenised {phase} examples with image slots and loss masks.",
         )
+        @versioned(hdf5_key(phase))
         def _hdf5(settings: PipelineSettings) -> dg.MaterializeResult:
             r = build_hdf5(settings.load(), phase)
             return dg.MaterializeResult(

@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets.hdf5 import hdf5_key
 from assets.resources import PipelineSettings
+from assets.versioning import versioned
 from llava_core.config import PHASES
 from llava_core.train import previous_phase, train
 
@@ -30,6 +31,7 @@ def build_train_assets() -> list[dg.AssetsDefinition]:
             kinds={"pytorch"},
             description=f"Trained {phase} checkpoint in checkpoints/{phase}/.",
         )
+        @versioned(checkpoint_key(phase))
         def _ckpt(settings: PipelineSettings) -> dg.MaterializeResult:
             r = train(settings.load(), phase)
             s = r.summary
