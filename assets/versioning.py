@@ -169,8 +169,10 @@ class DvcRepo:
         return tmp / LOCK_NAME
 
     def run(self, *args: str, timeout_s: float | None = None) -> str:
-        """`dvc <args>` in the repository, after the other DVC commands of this project; returns stdout."""
-        timeout_s = timeout_s or self.lock_timeout_s
+        """`dvc <args>` in the repository, after the other DVC commands of this project; returns stdout.
+
+        Waits up to `lock_timeout_s` for this project's lock; `timeout_s` bounds the command itself (None: a
+        push of a large output may take hours)."""
         deadline = time.monotonic() + self.lock_timeout_s
         with open(self._lock_path, "a+") as lock:
             while True:
@@ -180,7 +182,7 @@ class DvcRepo:
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         raise DvcError(
-                            f"dvc {' '.join(args)}: {self._lock_path} still held after {self.lock_timeout_s:.0f} s"
+                            f"dvc {' '.join(args)}: {self._lock_path} still held after {self.lock_timeout_s:g} s"
                         ) from None
                     time.sleep(0.2)
             try:
@@ -188,7 +190,7 @@ class DvcRepo:
                 try:
                     proc = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, timeout=timeout_s)
                 except subprocess.TimeoutExpired:
-                    raise DvcError(f"dvc {' '.join(args)}: no answer within {timeout_s:.0f} s") from None
+                    raise DvcError(f"dvc {' '.join(args)}: no answer within {timeout_s:g} s") from None
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         if proc.returncode != 0:
