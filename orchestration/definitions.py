@@ -22,6 +22,7 @@ from llava_core.config import PipelineConfig, load_config
 from orchestration.automation import dvc_lock_sensor, retrain_schedule, s3_source_sensor
 
 ENVIRONMENTS = ("local", "s3")
+EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
 
 
 def build_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
@@ -88,6 +89,16 @@ def build_jobs() -> dict[str, dg.UnresolvedAssetJobDefinition]:
     }
 
 
+def build_executor(name: str | None = None) -> dg.ExecutorDefinition:
+    """`LLAVA_EXECUTOR`: `multiprocess` (default: a process per step, independent steps in parallel) or
+    `in_process` (every step in the run's process: no start-up per step, for small CPU machines; training still
+    runs in its own `accelerate launch` process)."""
+    name = name or os.environ.get("LLAVA_EXECUTOR", "multiprocess")
+    if name not in EXECUTORS:
+        raise ValueError(f"LLAVA_EXECUTOR={name!r}: unknown executor; valid: {sorted(EXECUTORS)}")
+    return EXECUTORS[name]
+
+
 def build_definitions(params_path: str | None = None, env: str | None = None) -> dg.Definitions:
     params_path = params_path or default_params_path()
     cfg = load_config(params_path)
@@ -100,6 +111,7 @@ def build_definitions(params_path: str | None = None, env: str | None = None) ->
         schedules=[retrain_schedule(full)],
         sensors=[s3_source_sensor(cfg, full, all_assets), dvc_lock_sensor(all_assets)],
         resources=build_resources(params_path, env),
+        executor=build_executor(),
     )
 
 

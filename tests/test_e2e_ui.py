@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FAST_TRAIN, PROJECT
-from tests.helpers_unit import base_params, write_params
+from tests.conftest import PROJECT, dvc_project
 from tests.test_e2e_dvc import run
 
 pytestmark = pytest.mark.e2e
@@ -90,22 +89,28 @@ def missing_assets(browser) -> set[str]:
     return {k for k in ASSETS if not shown(k)}
 
 
+def show_lineage(browser, base: str) -> None:
+    """Open Assets -> Global asset lineage with every group expanded, and wait for every asset's node."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(f"{base}/asset-groups")
+    materialize = "//button[normalize-space(.)='Materialize all']"
+    wait_for("the asset graph", lambda: browser.find_elements(By.XPATH, materialize), 120)
+    time.sleep(2)
+    skip = browser.find_elements(By.XPATH, "//button[normalize-space(.)='Skip']")  # the first-visit newsletter dialog
+    if skip:
+        skip[0].click()
+    if missing_assets(browser):  # the graph opens with its groups collapsed; "Expand all groups" is Alt+E
+        ActionChains(browser).key_down(Keys.ALT).send_keys("e").key_up(Keys.ALT).perform()
+    wait_for("every asset in the lineage graph", lambda: not missing_assets(browser), 60)
+    time.sleep(2)  # let the graph finish its layout
+
+
 @pytest.fixture
 def dvc_workspace(tmp_path, venv_env) -> Path:
-    """A fresh git + DVC repository with the project's stages and a params file of a few dozen records."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("llava_core", "configs"):
-        shutil.copytree(PROJECT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(PROJECT / name, repo / name)
-    params = base_params(".", small=True)
-    for phase, values in FAST_TRAIN.items():
-        params["train"][phase].update(values)
-    write_params(repo, params)
-    run(["git", "init", "-q"], repo, venv_env)
-    run(["dvc", "init", "-q"], repo, venv_env)
-    return repo
+    return dvc_project(tmp_path / "repo", venv_env).parent
 
 
 @pytest.fixture
@@ -114,7 +119,12 @@ def dagster_dev(tmp_path, dvc_workspace, venv_env):
     home.mkdir()
     shutil.copy(PROJECT / "configs/dagster/dagster.yaml", home / "dagster.yaml")
     port = free_port()
-    env = {**venv_env, "DAGSTER_HOME": str(home), "LLAVA_PARAMS": str(dvc_workspace / "params.yaml")}
+    env = {
+        **venv_env,
+        "DAGSTER_HOME": str(home),
+        "LLAVA_PARAMS": str(dvc_workspace / "params.yaml"),
+        "LLAVA_EXECUTOR": "in_process",  # one process for the run's steps: no start-up per step on 2 cores
+    }
     env.pop("LLAVA_ENV", None)
     log = open(tmp_path / "dagster_dev.log", "w")
     proc = subprocess.Popen(
@@ -158,30 +168,10 @@ def browser():
 
 
 def test_ui_lineage_and_materialize_all(dagster_dev, browser, dvc_workspace, tmp_path, venv_env):
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     base = dagster_dev
-    browser.get(f"{base}/asset-groups")  # Assets -> Global asset lineage
-    wait_for(
-        "the asset graph",
-        lambda: browser.find_elements(By.XPATH, "//button[normalize-space(.)='Materialize all']"),
-        120,
-    )
-    time.sleep(2)
-    skip = browser.find_elements(By.XPATH, "//button[normalize-space(.)='Skip']")  # the first-visit newsletter dialog
-    if skip:
-        skip[0].click()
-    # the graph opens with its groups collapsed; "Expand all groups" is Alt+E
-    ActionChains(browser).key_down(Keys.ALT).send_keys("e").key_up(Keys.ALT).perform()
-    wait_for("every asset in the lineage graph", lambda: not missing_assets(browser), 60)
-    time.sleep(2)  # let the graph finish its layout before the screenshot
-    shot = tmp_path / "lineage.png"
-    browser.save_screenshot(str(shot))
-    assert shot.stat().st_size > 10_000
-    if os.environ.get("LLAVA_SAVE_LINEAGE_PNG") == "1":
-        shutil.copy(shot, PROJECT / "docs" / "lineage.png")
+    show_lineage(browser, base)  # every asset has its node
 
     button = wait_for(
         "the Materialize all button",
@@ -209,5 +199,12 @@ def test_ui_lineage_and_materialize_all(dagster_dev, browser, dvc_workspace, tmp
         outs = {o["path"]: o["md5"] for o in lock[stage]["outs"]}
         assert versions[key]["dagster/data_version"] == outs[path], key
     assert "up to date" in run(["dvc", "status"], dvc_workspace, venv_env)
+
+    show_lineage(browser, base)  # now with every asset materialised
+    shot = tmp_path / "lineage.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("LLAVA_SAVE_LINEAGE_PNG") == "1":
+        shutil.copy(shot, PROJECT / "docs" / "lineage.png")
     report = json.loads((dvc_workspace / "reports/eval.json").read_text())
     assert report["num_questions"] == 7 * 2  # the small source's two held-out images

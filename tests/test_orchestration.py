@@ -62,6 +62,14 @@ def test_resources_follow_the_environment(monkeypatch):
     # secrets are references to the environment, read at run time, never values in the definitions
     assert isinstance(s3["s3"].aws_secret_access_key, dg.EnvVar)
     assert s3["s3"].aws_secret_access_key.env_var_name == "AWS_SECRET_ACCESS_KEY"
+    monkeypatch.setenv("LLAVA_EXECUTOR", "in_process")
+    assert build_definitions().executor == dg.in_process_executor
+    monkeypatch.setenv("LLAVA_EXECUTOR", "threads")
+    with pytest.raises(
+        ValueError, match=r"LLAVA_EXECUTOR='threads': unknown executor; valid: \['in_process', 'multiprocess'\]"
+    ):
+        build_definitions()
+    monkeypatch.delenv("LLAVA_EXECUTOR")
     monkeypatch.setenv("LLAVA_ENV", "cloud")
     with pytest.raises(ValueError, match=r"LLAVA_ENV='cloud': unknown environment; valid: \['local', 's3'\]"):
         build_definitions()
