@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint lock dagster clean
+.PHONY: setup demo test test-fast lint lock dagster dvc-remote clean
 
 setup: $(VENV)/.installed
 
@@ -34,8 +34,18 @@ lock:  ## re-pin the whole dependency tree after changing pyproject.toml (torch 
 	mv requirements.lock.new requirements.lock
 
 
-dagster: setup  ## the Dagster UI on http://127.0.0.1:3000
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/.dagster_home} sh -c 'mkdir -p $$DAGSTER_HOME && $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000'
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+dagster: setup $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI on http://127.0.0.1:3000 (run history in DAGSTER_HOME)
+	DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000
+
+# The instance settings (gpu pool limited to 1), refreshed when the committed template changes.
+$(DAGSTER_HOME)/dagster.yaml: configs/dagster/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp $< $@
+
+dvc-remote: setup  ## the DVC S3 remote: make dvc-remote URL=s3://bucket/prefix [ENDPOINT=http://host:9000] [REGION=...]
+	$(PY) scripts/dvc_remote.py $(URL) $(if $(ENDPOINT),--endpoint $(ENDPOINT),) $(if $(REGION),--region $(REGION),)
 
 clean:  ## remove the workspace outputs (not the virtualenv)
 	rm -rf data checkpoints models reports

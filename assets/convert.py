@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets.download import raw_key
 from assets.resources import PipelineSettings
+from assets.versioning import versioned
 from llava_core.config import PipelineConfig
 from llava_core.convert import convert
 
@@ -26,6 +27,7 @@ def build_convert_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
             description=f"`{ds.file}` of `{ds.source}` through converter `{ds.converter}` -> "
             f"data/jsonl/{dataset}.jsonl ({ds.phase}).",
         )
+        @versioned(jsonl_key(dataset))
         def _jsonl(settings: PipelineSettings) -> dg.MaterializeResult:
             r = convert(settings.load(), dataset)
             return dg.MaterializeResult(

@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets.download import raw_key
 from assets.resources import PipelineSettings
+from assets.versioning import versioned
 from llava_core.config import PipelineConfig
 from llava_core.evaluate import evaluate
 
@@ -21,6 +22,7 @@ def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         kinds={"json"},
         description="Greedy answers on the held-out questions, scored per category: reports/eval.json.",
     )
+    @versioned(dg.AssetKey("eval_report"))
     def eval_report(settings: PipelineSettings) -> dg.MaterializeResult:
         r = evaluate(settings.load())
         return dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))

@@ -7,6 +7,7 @@ import dagster as dg
 
 from assets.convert import jsonl_key
 from assets.resources import PipelineSettings
+from assets.versioning import commit_gate, versioned
 from llava_core.config import PHASES, PipelineConfig
 from llava_core.hdf5 import build_hdf5
 from llava_core.validate import describe, validate_phase
@@ -27,6 +28,7 @@ def build_hdf5_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
             kinds={"hdf5"},
             description=f"Tokenised {phase} examples with image slots and loss masks.",
         )
+        @versioned(hdf5_key(phase))
         def _hdf5(settings: PipelineSettings) -> dg.MaterializeResult:
             r = build_hdf5(settings.load(), phase)
             return dg.MaterializeResult(
@@ -63,6 +65,8 @@ def build_hdf5_checks(cfg: PipelineConfig) -> list[dg.AssetChecksDefinition]:
         @dg.multi_asset_check(specs=specs, name=f"validate_{phase}")
         def _validate(settings: PipelineSettings):
             r = validate_phase(settings.load(), phase)
+            # a failed gate is not recorded in dvc.lock: `dvc repro` runs it again (and stops there), as it would
+            dvc_lock = commit_gate(settings, f"validate_{phase}") if r.success else "not committed: the gate failed"
             for suite in SUITES:
                 s = r.suites[suite]
                 failed = [describe(e) for e in s.expectations if not e["success"]]
@@ -77,6 +81,7 @@ def build_hdf5_checks(cfg: PipelineConfig) -> list[dg.AssetChecksDefinition]:
                         "failed": s.failed,
                         "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failed) or "none"),
                         "results": dg.MetadataValue.path(str(r.path)),
+                        "dvc_lock": dvc_lock,
                     },
                 )
 

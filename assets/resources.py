@@ -1,4 +1,4 @@
-"""The resource every asset uses to get the resolved pipeline configuration."""
+"""The resources the assets use: the resolved pipeline configuration (with its DVC settings) and S3."""
 
 from __future__ import annotations
 
@@ -18,9 +18,44 @@ def default_params_path() -> str:
 
 
 class PipelineSettings(dg.ConfigurableResource):
-    """Where the params file is; `load()` gives the validated config (same one the CLI and DVC use)."""
+    """Where the params file is; `load()` gives the validated config (same one the CLI and DVC use).
+
+    `dvc_commit`: record each materialisation in dvc.lock when the workspace is the DVC repository
+    (assets/versioning.py); `dvc_remote`: also `dvc push` the stage's outputs to that remote (S3-backed).
+    """
 
     params_path: str = default_params_path()
+    dvc_commit: bool = True
+    dvc_remote: str | None = None
+    dvc_lock_timeout_s: float = 600.0
 
     def load(self) -> PipelineConfig:
         return load_config(self.params_path)
+
+
+class S3Resource(dg.ConfigurableResource):
+    """A boto3 S3 client with a configurable endpoint (MinIO, moto, AWS); secrets come in through `dg.EnvVar`.
+
+    Unset fields fall back to boto3's own chain (environment, ~/.aws). An endpoint or region given to
+    `client()` (a source's or the publish section's own setting) wins over the resource's.
+    """
+
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    max_attempts: int = 5
+
+    def client(self, endpoint_url: str | None = None, region_name: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session(
+            aws_access_key_id=self.aws_access_key_id, aws_secret_access_key=self.aws_secret_access_key
+        )
+        return session.client(
+            "s3",
+            endpoint_url=endpoint_url or self.endpoint_url,
+            region_name=region_name or self.region_name,
+            config=Config(retries={"mode": "standard", "max_attempts": self.max_attempts}),
+        )

@@ -13,6 +13,7 @@ import dagster as dg
 
 from assets.hdf5 import hdf5_key
 from assets.resources import PipelineSettings
+from assets.versioning import versioned
 from llava_core.config import PHASES
 from llava_core.train import finished, launch_command, launch_env, previous_phase
 
@@ -36,6 +37,7 @@ def build_train_assets() -> list[dg.AssetsDefinition]:
             pool=TRAIN_POOL,
             description=f"Trained {phase} checkpoint in checkpoints/{phase}/ (resumes a killed run of the same config).",
         )
+        @versioned(checkpoint_key(phase))
         def _ckpt(context, settings: PipelineSettings) -> dg.MaterializeResult:  # context: AssetExecutionContext
             cfg = settings.load()
             invocation = dg.PipesSubprocessClient().run(

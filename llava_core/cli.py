@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llava-pipeline", description="LLaVA training pipeline stages")
     ap.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
     sub = ap.add_subparsers(dest="stage", required=True)
-    sub.add_parser("download", help="stage 1: fetch a source into data/raw/<source>").add_argument("source")
+    d = sub.add_parser("download", help="stage 1: fetch a source into data/raw/<source>")
+    d.add_argument("source")
+    d.add_argument("--refetch", action="store_true", help="fetch again even when the folder is intact")
     sub.add_parser("convert", help="stage 2: a source file -> data/jsonl/<dataset>.jsonl").add_argument("dataset")
     sub.add_parser("hdf5", help="stage 3: jsonl -> data/hdf5/<phase>").add_argument("phase")
     sub.add_parser(
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     if args.stage == "download":
-        result = pipeline.run_download(cfg, args.source)
+        result = pipeline.run_download(cfg, args.source, refetch=args.refetch)
     elif args.stage == "convert":
         result = pipeline.run_convert(cfg, args.dataset)
     elif args.stage == "hdf5":

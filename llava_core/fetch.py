@@ -218,12 +218,35 @@ def s3_client(options: dict):
 
 
 def list_s3(client, bucket: str, prefix: str) -> list[dict]:
-    """Every object under the prefix (all pages): [{key, size, etag}]."""
+    """Every object under the prefix (all pages): [{key, size, etag, last_modified}]."""
     out = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            out.append({"key": obj["Key"], "size": obj["Size"], "etag": obj.get("ETag", "").strip('"')})
+            modified = obj.get("LastModified")
+            out.append(
+                {
+                    "key": obj["Key"],
+                    "size": obj["Size"],
+                    "etag": obj.get("ETag", "").strip('"'),
+                    "last_modified": modified.isoformat() if modified else None,
+                }
+            )
     return out
+
+
+def s3_source_objects(client, location: str, patterns: list[str]) -> list[dict]:
+    """The objects an s3 source takes from `s3://bucket/prefix`: folder markers left out, `patterns` (globs on
+    the key relative to the prefix) applied; each with its relative path `rel`."""
+    bucket, prefix = parse_s3_url(location)
+    objects = []
+    for obj in list_s3(client, bucket, prefix):
+        rel = obj["key"][len(prefix) :]
+        if not rel or rel.endswith("/"):
+            continue  # folder markers
+        if patterns and not any(fnmatch.fnmatch(rel, p) for p in patterns):
+            continue
+        objects.append({**obj, "rel": rel})
+    return objects
 
 
 def _md5_parts(path: Path, part_size: int) -> str:
@@ -278,16 +301,10 @@ def fetch_s3(location: str, patterns: list[str], options: dict, dest: Path) -> l
         multipart_chunksize=chunk,
         max_concurrency=int(options.get("max_concurrency", 4)),
     )
-    objects = []
-    for obj in list_s3(client, bucket, prefix):
-        rel = obj["key"][len(prefix) :]
-        if not rel or rel.endswith("/"):
-            continue  # folder markers
-        if patterns and not any(fnmatch.fnmatch(rel, p) for p in patterns):
-            continue
-        if not _inside(dest, rel):
+    objects = s3_source_objects(client, location, patterns)
+    for obj in objects:
+        if not _inside(dest, obj["rel"]):
             raise ValueError(f"s3://{bucket}/{obj['key']}: key would be written outside the source folder")
-        objects.append({**obj, "rel": rel})
     if not objects:
         raise FileNotFoundError(f"{location}: no objects found (patterns: {patterns or 'all'})")
     with _progress(sum(o["size"] for o in objects), f"s3://{bucket}/{prefix}") as bar:

@@ -22,10 +22,10 @@ def _plain(result: Any) -> dict:
     return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in dataclasses.asdict(result).items()}
 
 
-def run_download(cfg: PipelineConfig, source: str) -> dict:
+def run_download(cfg: PipelineConfig, source: str, refetch: bool = False) -> dict:
     from llava_core.sources import download
 
-    return _plain(download(cfg, source))
+    return _plain(download(cfg, source, refetch=refetch))
 
 
 def run_convert(cfg: PipelineConfig, dataset: str) -> dict:

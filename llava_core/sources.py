@@ -149,14 +149,17 @@ def declaration_of(src: SourceConfig) -> dict:
     return decl
 
 
-def download(cfg: PipelineConfig, source: str) -> DownloadResult:
-    """Fetch one source into `data/raw/<source>/` and write its manifest (files, sizes, sha256)."""
+def download(cfg: PipelineConfig, source: str, refetch: bool = False) -> DownloadResult:
+    """Fetch one source into `data/raw/<source>/` and write its manifest (files, sizes, sha256).
+
+    An intact folder for the same declaration is kept as it is, unless `refetch` (the remote content
+    changed under the same declaration, e.g. new objects under an S3 prefix)."""
     if source not in cfg.sources:
         raise KeyError(f"unknown source {source!r}; valid: {sorted(cfg.sources)}")
     src = cfg.sources[source]
     declaration = declaration_of(src)
     dest = cfg.raw_dir(source)
-    if manifest_intact(dest, declaration):
+    if not refetch and manifest_intact(dest, declaration):
         manifest = json.loads((dest / MANIFEST).read_text())
         return DownloadResult(source, dest, len(manifest["files"]), sum(f["size"] for f in manifest["files"]), True)
 

@@ -26,6 +26,26 @@ def e2e_params(folder: Path, root: str | None = None, small: bool = True) -> Pat
     return write_params(folder, params)
 
 
+def dvc_project(repo: Path, env: dict) -> Path:
+    """A fresh git + DVC repository holding the project's stages (code, dvc.yaml, .dvcignore) and a params.yaml
+    of a few dozen records and one short epoch; returns the params file."""
+    import shutil
+    import subprocess
+
+    repo.mkdir(parents=True)
+    for name in ("llava_core", "configs"):
+        shutil.copytree(PROJECT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(PROJECT / name, repo / name)
+    params = base_params(".", small=True)
+    for phase, values in FAST_TRAIN.items():
+        params["train"][phase].update(values)
+    path = write_params(repo, params)
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    return path
+
+
 @pytest.fixture
 def small_params(tmp_path: Path) -> Path:
     """A tiny-preset workspace with a few dozen records: every stage runs in seconds."""

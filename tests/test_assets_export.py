@@ -10,7 +10,7 @@ import dagster as dg
 
 from assets.evaluate import build_evaluate_assets
 from assets.export import build_export_assets
-from assets.resources import PipelineSettings
+from assets.resources import PipelineSettings, S3Resource
 from llava_core.config import load_config
 from llava_core.tokenizer import load_tokenizer
 from orchestration.definitions import build_assets, build_definitions
@@ -45,7 +45,9 @@ def test_materialize_exports_publish_and_report(tmp_path, s3_endpoint, aws_env):
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
         result = dg.materialize(
-            assets, instance=instance, resources={"settings": PipelineSettings(params_path=str(params))}
+            assets,
+            instance=instance,
+            resources={"settings": PipelineSettings(params_path=str(params)), "s3": S3Resource()},
         )
     assert result.success
     mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}

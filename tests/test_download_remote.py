@@ -149,10 +149,11 @@ def test_s3_config_errors(tmp_path):
 
 # --- HTTP ---------------------------------------------------------------------------------------------------
 class Server:
-    """A loopback HTTP server with Range support; `cut_first` serves only half of the bytes on the first GET."""
+    """A loopback HTTP server with Range support; `cut_first` serves only half of the bytes on the first GET,
+    `fail_first` answers the first N GETs with 503 (a transient failure)."""
 
-    def __init__(self, files: dict[str, bytes], cut_first: bool = False):
-        self.files, self.cut_first, self.requests = files, cut_first, []
+    def __init__(self, files: dict[str, bytes], cut_first: bool = False, fail_first: int = 0):
+        self.files, self.cut_first, self.fail_first, self.requests = files, cut_first, fail_first, []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -163,6 +164,9 @@ class Server:
                 data = outer.files.get(self.path)
                 rng = self.headers.get("Range")
                 outer.requests.append((self.path, rng))
+                if len(outer.requests) <= outer.fail_first:
+                    self.send_error(503)
+                    return
                 if data is None:
                     self.send_error(404)
                     return
