@@ -38,7 +38,7 @@ def test_export_llava_and_import_hf_commands(tmp_path, capsys):
 def test_run_all_exports_both_formats_before_evaluating(tmp_path, monkeypatch):
     cfg = load_config(eval_workspace(tmp_path))
     calls = []
-    for name in ("download", "convert", "hdf5", "train", "export", "export_llava", "evaluate"):
+    for name in ("download", "convert", "hdf5", "validate", "train", "export", "export_llava", "evaluate"):
         monkeypatch.setattr(pipeline, f"run_{name}", lambda cfg, *a, _n=name: calls.append(_n) or {})
     pipeline.run_all(cfg, log=lambda msg: None)
     assert calls[-3:] == ["export", "export_llava", "evaluate"]
