@@ -30,12 +30,13 @@ from tests.helpers_reliability import (
     FAULT_MODES,
     FAULTS,
     FlakyProxy,
+    fault_figures,
     fill,
     hidden_leftovers,
     tmpfs,
     tree_digests,
 )
-from tests.helpers_unit import base_params, write_params
+from tests.helpers_unit import PROJECT, base_params, write_params
 
 FIRST_RUNS = {"download-first-run", "convert-first-run", "train-phase1", "train-phase2"}
 
@@ -50,6 +51,16 @@ def test_sigkill_then_rerun_completes_with_nothing_lost(faulted_pipeline, fault)
     assert f["left_after_rerun"] == []
     assert f["identical"], f"{fault}: the re-run differs from an uninterrupted run"
     assert (f["found"], f["duplicated"]) == (f["expected"], 0), f"{fault}: records lost or repeated"
+
+
+@pytest.mark.e2e
+def test_the_readme_quotes_these_figures(faulted_pipeline):
+    f = fault_figures(faulted_pipeline.facts)
+    print(f)
+    assert (f["lost"], f["duplicated"]) == (0, 0)
+    readme = (PROJECT / "README.md").read_text()
+    assert f"{f['sigkills']} SIGKILLs in the faulted pipeline" in readme
+    assert f"{f['records']} records compared after the re-runs: 0 lost, 0 duplicated" in readme
 
 
 @pytest.mark.e2e
@@ -138,6 +149,8 @@ def test_transient_s3_errors_are_retried_and_the_download_is_byte_identical(tmp_
     failed = [key for _, key in proxy.failed]
     assert len(failed) == len(proxy.seen) // 3 and {mode for mode, _ in proxy.failed} == set(FAULT_MODES)
     assert set(failed) <= set(proxy.passed)  # every failed request was retried, and the retry went through
+    figures = f"{len(failed)} of its {len(proxy.seen)} requests failed once"
+    assert figures in (PROJECT / "README.md").read_text(), figures
 
 
 def test_without_retries_a_transient_s3_error_is_a_clear_error_and_nothing_is_published(

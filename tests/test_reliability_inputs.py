@@ -915,5 +915,13 @@ def test_the_corpus_names_only_tests_that_exist():
     assert len({(c.stage, c.name) for c in CASES}) == len(CASES)  # the test ids are unique
 
 
+def test_the_readme_quotes_the_corpus_figures():
+    from tests.helpers_unit import PROJECT
+
+    f = figures()
+    text = f"{f['bad_inputs']} bad inputs of {f['kinds']} kinds: {f['corpus_cases']} in the corpus"
+    assert text in (PROJECT / "README.md").read_text(), text
+
+
 if __name__ == "__main__":
     print(json.dumps(figures(), indent=2))
