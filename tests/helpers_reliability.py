@@ -127,10 +127,13 @@ class FlakyProxy(LoopbackServer):
 
             def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, cut: bool = False) -> None:
                 self.send_response(status)
+                length = str(len(body))
                 for k, v in headers:
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    if k.lower() == "content-length" and self.command == "HEAD":
+                        length = v  # a HEAD's length is the object's, with no body sent
+                    elif k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", length)
                 if cut:
                     self.send_header("Connection", "close")
                 self.end_headers()

@@ -7,7 +7,8 @@
   the HDF5 writer during its first pass (test_hdf5_parallel), training after a checkpoint with the loss curve
   compared step by step (test_train_e2e), an HTTP download resumed from its `.part` (test_download_remote).
 - Transient S3 errors: a loopback proxy in front of the moto server fails every third distinct request once
-  (503 SlowDown, 500 InternalError, a body cut off half way); the `s3` source still arrives byte for byte.
+  (503 SlowDown, 500 InternalError, a body cut off half way); the `s3` source still arrives byte for byte, and
+  `dvc push` / `dvc pull` through it restore the data byte for byte.
 - A full disk: a small tmpfs holds the data folder; with it full, download, convert and hdf5 fail with an
   error naming the path being written and "no space left", earlier outputs stay byte for byte and no
   temporary is left; with space again, the same stages give the same bytes as before.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import uuid
 
 import pytest
@@ -162,6 +164,40 @@ def test_without_retries_a_transient_s3_error_is_a_clear_error_and_nothing_is_pu
         with pytest.raises(Exception, match=r"when calling the ListObjectsV2 operation \(reached max retries: 0\)"):
             download(cfg, "remote")
     assert not cfg.raw_dir("remote").exists() and hidden_leftovers(cfg.raw_dir("remote")) == []
+
+
+@pytest.mark.e2e  # DVC processes, as tests/test_e2e_versioning.py's push and pull
+def test_dvc_push_and_pull_through_transient_s3_errors_restore_byte_for_byte(tmp_path, venv_env, s3_endpoint, aws_env):
+    import subprocess
+    import sys
+
+    import boto3
+
+    bucket = f"dvc-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for i in range(12):
+        (repo / "data" / f"part-{i}.bin").write_bytes(bytes([i]) * 2000 * (i + 1))
+    before = tree_digests(repo / "data")
+    env = {**venv_env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+    def dvc(*args: str) -> None:
+        subprocess.run(list(args), cwd=repo, env=env, check=True, capture_output=True, text=True)
+
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "add", "-q", "data"]):
+        dvc(*cmd)
+    with FlakyProxy(s3_endpoint, every=3) as proxy:
+        dvc(sys.executable, str(PROJECT / "scripts/dvc_remote.py"), f"s3://{bucket}/cache", "--endpoint", proxy.url)
+        dvc("dvc", "push", "-q")
+        for wiped in (repo / ".dvc" / "cache", repo / "data"):
+            shutil.rmtree(wiped)
+        dvc("dvc", "pull", "-q")
+    assert tree_digests(repo / "data") == before
+    methods = {(key[0], mode) for mode, key in proxy.failed}
+    assert {("PUT", "503 SlowDown"), ("GET", "body cut off")} <= methods  # both directions were hit
+    figures = f"{len(proxy.failed)} of their {len(proxy.seen)} requests failed once"
+    assert figures in (PROJECT / "README.md").read_text(), figures
 
 
 # --- a full disk --------------------------------------------------------------------------------------------
