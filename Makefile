@@ -35,9 +35,11 @@ lock:  ## re-pin the whole dependency tree after changing pyproject.toml (torch 
 
 
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# The UI listens on loopback only; DAGSTER_HOST=0.0.0.0 opens it to the network (behind your own auth proxy).
+DAGSTER_HOST ?= 127.0.0.1
 
 dagster: setup $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI on http://127.0.0.1:3000 (run history in DAGSTER_HOME)
-	DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000
+	DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -h $(DAGSTER_HOST) -p 3000
 
 # The instance settings (gpu pool limited to 1), refreshed when the committed template changes.
 $(DAGSTER_HOME)/dagster.yaml: configs/dagster/dagster.yaml

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from llava_core.config import PipelineConfig, partial_dir, replace_dir, write_json_atomic
+from llava_core.config import PipelineConfig, partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.images import CLIP_MEAN, CLIP_STD
 from llava_core.model import LlavaModel, _vision_config_of, load_model, model_from_config_dict, save_model
 from llava_core.prompts import SYSTEM_PROMPTS, check_style, encode_conversation
@@ -326,21 +326,22 @@ def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
     )
     out = cfg.path("models") / "hf"
     tmp = partial_dir(out)
-    conv.model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    train_summary = json.loads((ckpt / "train_summary.json").read_text())
-    write_json_atomic(
-        tmp / EXPORT_INFO,
-        {
-            "source_checkpoint": str(ckpt),
-            "phase": phase,
-            "image_token_id": conv.image_token_id,
-            "image_patch_start_idx": train_summary["image_patch_start_idx"],
-            "prompt_style": style,
-            "original_vocab_size": conv.original_vocab_size,
-            "added_tokens": conv.added_tokens,
-        },
-    )
+    with staged(out, tmp):
+        conv.model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        train_summary = json.loads((ckpt / "train_summary.json").read_text())
+        write_json_atomic(
+            tmp / EXPORT_INFO,
+            {
+                "source_checkpoint": str(ckpt),
+                "phase": phase,
+                "image_token_id": conv.image_token_id,
+                "image_patch_start_idx": train_summary["image_patch_start_idx"],
+                "prompt_style": style,
+                "original_vocab_size": conv.original_vocab_size,
+                "added_tokens": conv.added_tokens,
+            },
+        )
     replace_dir(tmp, out)
     return ExportResult(out, sum(p.numel() for p in conv.model.parameters()), conv.image_token_id)
 
@@ -418,32 +419,33 @@ def import_hf(hf_dir: Path, out: Path, prompt_style: str = "vicuna_v1") -> Impor
     hf_dir, out = Path(hf_dir), Path(out)
     model, tok, facts = read_hf(hf_dir)
     tmp = partial_dir(out)
-    save_model(model, tmp)
-    tok.save_pretrained(tmp / "tokenizer")
-    info = facts["export_info"]
-    removed: list[str] = []
-    if facts["trimmed_rows"] and info.get("added_tokens"):
-        removed = drop_added_tokens(tmp / "tokenizer", info["original_vocab_size"])
-    from transformers import AutoTokenizer
+    with staged(out, tmp):
+        save_model(model, tmp)
+        tok.save_pretrained(tmp / "tokenizer")
+        info = facts["export_info"]
+        removed: list[str] = []
+        if facts["trimmed_rows"] and info.get("added_tokens"):
+            removed = drop_added_tokens(tmp / "tokenizer", info["original_vocab_size"])
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tmp / "tokenizer")
-    if tok.pad_token_id is None and tok.unk_token_id is not None:
-        tok.pad_token = tok.unk_token
-    start = _image_start(tok, prompt_style, model.num_patches)
-    write_json_atomic(
-        tmp / IMPORT_INFO,
-        {
-            "source": str(hf_dir),
-            "format": "hf",
-            "prompt_style": prompt_style,
-            "removed_tokens": removed,
-            "trimmed_rows": facts["trimmed_rows"],
-        },
-    )
-    write_json_atomic(
-        tmp / "train_summary.json",
-        {"phase": "imported", "steps": 0, "source": str(hf_dir), "image_patch_start_idx": start},
-    )
+        tok = AutoTokenizer.from_pretrained(tmp / "tokenizer")
+        if tok.pad_token_id is None and tok.unk_token_id is not None:
+            tok.pad_token = tok.unk_token
+        start = _image_start(tok, prompt_style, model.num_patches)
+        write_json_atomic(
+            tmp / IMPORT_INFO,
+            {
+                "source": str(hf_dir),
+                "format": "hf",
+                "prompt_style": prompt_style,
+                "removed_tokens": removed,
+                "trimmed_rows": facts["trimmed_rows"],
+            },
+        )
+        write_json_atomic(
+            tmp / "train_summary.json",
+            {"phase": "imported", "steps": 0, "source": str(hf_dir), "image_patch_start_idx": start},
+        )
     replace_dir(tmp, out)
     vocab = model.text_model.get_input_embeddings().num_embeddings
     return ImportResult(out, sum(p.numel() for p in model.parameters()), hf_dir, vocab, facts["trimmed_rows"])
@@ -507,8 +509,9 @@ def export_llava(cfg: PipelineConfig, phase: str = "phase2") -> LlavaExportResul
     tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     out = cfg.path("models") / "llava"
     tmp = partial_dir(out)
-    write_llava_original(model, tok, tmp, str((out / LLAVA_IMAGE_DIR).resolve()))
-    write_json_atomic(tmp / EXPORT_INFO, {"source_checkpoint": str(ckpt), "phase": phase, "format": "llava"})
+    with staged(out, tmp):
+        write_llava_original(model, tok, tmp, str((out / LLAVA_IMAGE_DIR).resolve()))
+        write_json_atomic(tmp / EXPORT_INFO, {"source_checkpoint": str(ckpt), "phase": phase, "format": "llava"})
     replace_dir(tmp, out)
     return LlavaExportResult(
         out, sum(p.numel() for p in model.parameters()), out / LLAVA_IMAGE_DIR, out / LLAVA_TEXT_DIR
@@ -613,18 +616,19 @@ def import_llava(folder: Path, out: Path, prompt_style: str = "vicuna_v1") -> Im
     folder, out = Path(folder), Path(out)
     model, tok = load_llava_original(folder)
     tmp = partial_dir(out)
-    save_model(model, tmp)
-    tok.save_pretrained(tmp / "tokenizer")
-    write_json_atomic(tmp / IMPORT_INFO, {"source": str(folder), "format": "llava", "prompt_style": prompt_style})
-    write_json_atomic(
-        tmp / "train_summary.json",
-        {
-            "phase": "imported",
-            "steps": 0,
-            "source": str(folder),
-            "image_patch_start_idx": _image_start(tok, prompt_style, model.num_patches),
-        },
-    )
+    with staged(out, tmp):
+        save_model(model, tmp)
+        tok.save_pretrained(tmp / "tokenizer")
+        write_json_atomic(tmp / IMPORT_INFO, {"source": str(folder), "format": "llava", "prompt_style": prompt_style})
+        write_json_atomic(
+            tmp / "train_summary.json",
+            {
+                "phase": "imported",
+                "steps": 0,
+                "source": str(folder),
+                "image_patch_start_idx": _image_start(tok, prompt_style, model.num_patches),
+            },
+        )
     replace_dir(tmp, out)
     vocab = model.text_model.get_input_embeddings().num_embeddings
     return ImportResult(out, sum(p.numel() for p in model.parameters()), folder, vocab, 0)

@@ -14,10 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_core.config import PipelineConfig, write_json_atomic
+from llava_core.config import PipelineConfig, json_text, staged
 from llava_core.converters import CONVERTERS, ConvertInput, Drop  # noqa: F401  (Drop re-exported)
 from llava_core.images import ImageRejected, check_image, resolve_image
-from llava_core.prompts import IMAGE_PLACEHOLDER
+from llava_core.prompts import placeholder_problem, text_is_valid_unicode
 
 EXTRACTED = "extracted"  # images written by converters: data/raw/<source>/extracted/<dataset>/
 
@@ -44,12 +44,14 @@ def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images
             raise Drop("turns_not_alternating")
     if len(conv) % 2:
         raise Drop("odd_number_of_turns")
-    n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv)
+    if not text_is_valid_unicode(rec):  # a lone surrogate (`\\ud800`): cannot be written as UTF-8
+        raise Drop("invalid_unicode")
     out: dict = {"id": str(rec["id"])}
     image = rec.get("image")
+    problem = placeholder_problem(conv, image is not None)
+    if problem is not None:
+        raise Drop(problem)
     if image is not None:
-        if n_placeholders != 1 or IMAGE_PLACEHOLDER not in conv[0]["value"]:
-            raise Drop("image_placeholder_count")
         if not isinstance(image, str) or not image:
             raise Drop("missing_fields")
         rel = image_prefix + image
@@ -63,8 +65,6 @@ def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images
         except ImageRejected as e:
             raise Drop(e.reason) from None
         out["image"] = rel
-    elif n_placeholders:
-        raise Drop("image_placeholder_without_image")
     out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in conv]
     return out
 
@@ -101,6 +101,9 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     files = dataset_files(root, ds.file, conv.folder_glob) if root.is_dir() else []
     if not files:
         raise FileNotFoundError(f"{src_file} not found (or matches no file): download source {ds.source!r} first")
+    empty = [str(p) for p in files if p.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"{', '.join(empty)}: empty file (0 bytes); nothing was converted")
     options = {**conv.options, **ds.options}
     if "seed" in options and options["seed"] is None:
         options["seed"] = cfg.seed
@@ -121,7 +124,7 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     read = written = 0
     dropped: Counter[str] = Counter()
     seen_ids: set[str] = set()
-    with open(tmp, "w", encoding="utf-8") as f:
+    with staged(out_path, tmp, image_tmp), open(tmp, "w", encoding="utf-8") as f:
         for item in conv.fn(inp):
             read += 1
             try:
@@ -138,11 +141,8 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
                 rec["image"] = final_prefix + rec["image"][len(tmp_prefix) :]
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             written += 1
-    if conv.writes_images:
-        if image_final.exists():
-            shutil.rmtree(image_final)
-        image_tmp.rename(image_final)
-    tmp.replace(out_path)
+        if not read:
+            raise ValueError(f"{', '.join(str(p) for p in files)}: no records found; nothing was converted")
     report_path = out_path.with_suffix(".report.json")
     report = {
         "dataset": dataset,
@@ -157,5 +157,13 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     }
     if conv.writes_images:
         report["images_written_to"] = str(image_final)
-    write_json_atomic(report_path, report)
+    report_tmp = report_path.with_name(f".{report_path.name}.tmp")
+    with staged(report_path, report_tmp, tmp, image_tmp):  # every output is complete before any is renamed
+        report_tmp.write_text(json_text(report))
+    if conv.writes_images:
+        if image_final.exists():
+            shutil.rmtree(image_final)
+        image_tmp.rename(image_final)
+    tmp.replace(out_path)
+    report_tmp.replace(report_path)
     return ConvertResult(dataset, out_path, report_path, read, written, dict(dropped))

@@ -55,11 +55,17 @@ class Converter:
 
 
 # --- shared helpers ---------------------------------------------------------------------------------------
-def load_json(path: Path) -> Any:
+def read_text(path: Path) -> str:
+    """A source file's text: UTF-8 (a byte-order mark is allowed); anything else is an error naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -164,7 +170,7 @@ LETTER = re.compile(r"\(?([A-I])\)?[.:]?")
 def arxivqa(inp: ConvertInput) -> Iterator[Item]:
     """jsonl of `{id, image, question, options[], label, rationale}`; the answer is the option and the rationale."""
     for path in inp.files:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in read_text(path).splitlines():
             if not line.strip():
                 continue
             try:

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llava_core.config import PROMPT_SUFFIXES, EvalConfig, PipelineConfig, write_json_atomic
-from llava_core.images import check_image, clip_transform, load_rgb
+from llava_core.config import PROMPT_SUFFIXES, EvalConfig, PipelineConfig, staged, write_json_atomic
+from llava_core.images import ImageRejected, check_image, clip_transform, load_rgb
 from llava_core.metrics import METRICS
-from llava_core.prompts import encode_conversation
+from llava_core.prompts import encode_conversation, text_is_valid_unicode
 
 ANSWERS = "answers.jsonl"
 REPORT = "eval.json"
@@ -38,18 +38,26 @@ class EvalResult:
 
 
 def load_questions(path: Path) -> list[dict]:
+    """The question file, checked line by line: any bad line is an error naming it (a question is never dropped:
+    that would change what the scores mean)."""
     questions = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 q = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({e})") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(q, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(q).__name__}")
             missing = [k for k in ("question_id", "image", "text", "answers") if k not in q]
             if missing:
                 raise ValueError(f"{path}:{n}: question lacks {missing}")
+            if not isinstance(q["text"], str) or not text_is_valid_unicode(q):
+                raise ValueError(f"{path}:{n}: the question text is not a valid string")
             if "suffix" in q and q["suffix"] not in PROMPT_SUFFIXES:
                 raise ValueError(f"{path}:{n}: unknown suffix {q['suffix']!r}; valid: {sorted(PROMPT_SUFFIXES)}")
             questions.append(q)
@@ -136,7 +144,7 @@ def generate_answers(
     """Greedy answers to the questions, each with its evaluation suffix."""
     ec = cfg.eval
     prompts = [with_suffix(q["text"], question_suffix(q, ec)) for q in questions]
-    images = [load_rgb(check_image(image_folder, q["image"])) for q in questions]
+    images = [load_rgb(_question_image(image_folder, q)) for q in questions]
     return generate(
         hf_model,
         tokenizer,
@@ -147,6 +155,13 @@ def generate_answers(
         batch_size=ec.batch_size,
         max_new_tokens=ec.max_new_tokens,
     )
+
+
+def _question_image(image_folder: Path, q: dict) -> Path:
+    try:
+        return check_image(image_folder, q["image"])
+    except ImageRejected as e:
+        raise ValueError(f"question {q['question_id']!r}: unusable image ({e}; under {image_folder})") from None
 
 
 def score(questions: list[dict], preds: list[str], cfg: PipelineConfig) -> dict:
@@ -184,7 +199,7 @@ def answer_records(questions: list[dict], preds: list[str], prompts: list[str], 
 def write_answers(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with staged(path, tmp), open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     tmp.replace(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import http.client
+import lzma
 import math
 import os
 import re
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -63,12 +65,25 @@ def _check_member(archive: Path, target: Path, name: str, link: str | None = Non
             refuse(f"is a link leaving the target folder ({link!r})")
 
 
+class CorruptArchiveError(ValueError):
+    """An archive that cannot be read to its end (damaged, truncated, or not the format its name says)."""
+
+
 def extract_archive(archive: Path, target: Path) -> list[str]:
     """Extract a zip, tar or tar.gz into `target` after checking every member; returns the member names.
 
-    Absolute paths, `..` components and links that point outside `target` are refused with an
-    `UnsafeArchiveError` before anything is written.
+    Absolute paths, `..` components, links that point outside `target` and special files are refused with an
+    `UnsafeArchiveError` before anything is written. A damaged or truncated archive is a `CorruptArchiveError`
+    naming it (a tar is read to its end before anything is written; a zip member that fails its CRC stops the
+    extraction, and the caller discards the partial folder).
     """
+    try:
+        return _extract_archive(archive, target)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise CorruptArchiveError(f"{archive.name}: damaged or truncated archive ({type(e).__name__}: {e})") from None
+
+
+def _extract_archive(archive: Path, target: Path) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     lower = archive.name.lower()
     if lower.endswith(".zip"):

@@ -28,7 +28,9 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,14 +38,15 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from llava_core.config import PipelineConfig, partial_dir, replace_dir, write_json_atomic
+from llava_core.config import PipelineConfig, partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.images import ImageChecker, ImageRejected, clip_transform, load_rgb
 from llava_core.prompts import (
     PromptError,
     Segments,
     conversation_segments,
-    count_image_placeholders,
     encode_segments_batch,
+    placeholder_problem,
+    text_is_valid_unicode,
 )
 
 if TYPE_CHECKING:  # the writer's processes never import torch; the reader imports it when it runs
@@ -170,18 +173,22 @@ class TaskRunner:
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             res.discarded["malformed_record"] += 1
             return None
+        if b"\\u" in line and b"\\ud" in line.lower() and not text_is_valid_unicode(rec):  # a lone surrogate
+            res.discarded["invalid_unicode"] += 1
+            return None
         image = rec.get("image")
-        if image is not None and count_image_placeholders(conv) != 1:
-            res.discarded["image_placeholder_count"] += 1
-            return None
-        if s.phase == "phase1" and image is None:
-            res.discarded["phase1_without_image"] += 1
-            return None
-        try:
+        try:  # the cheap checks first, the image decode last
+            segments = conversation_segments(conv, s.style)
+            problem = placeholder_problem(conv, image is not None)
+            if problem is None and s.phase == "phase1" and image is None:
+                problem = "phase1_without_image"
+            if problem is not None:
+                res.discarded[problem] += 1
+                return None
             if image is not None:
                 info = self.images.check(image)
                 res.image_notes.update(info.notes)
-            return conversation_segments(conv, s.style), image
+            return segments, image
         except (ImageRejected, PromptError) as e:
             res.discarded[e.reason] += 1
             return None
@@ -225,7 +232,7 @@ class TaskRunner:
         res.loss_valid_tokens = int(data[:, 1].sum())
         res.max_token_id = int(data[:, 0].max())
         res.min_length, res.max_length, res.sum_length = int(lengths.min()), int(lengths.max()), int(lengths.sum())
-        with h5py.File(out, "w") as h5:  # contiguous: the shuffle step reads rows in any order
+        with h5_file(out) as h5:  # contiguous: the shuffle step reads rows in any order
             h5.attrs["n_examples"] = len(rows)
             h5.create_dataset("data", data=data)
             h5.create_dataset("img_path", data=np.array([[p] for p in paths], dtype=object), dtype=_STR)
@@ -234,6 +241,24 @@ class TaskRunner:
 
 
 _STR = h5py.string_dtype(encoding="utf-8")
+
+
+@contextmanager
+def h5_file(path: str) -> Iterator[h5py.File]:
+    """A new HDF5 file built in memory, then written to `path` by Python in one call.
+
+    HDF5's own writes on a full disk do not fail cleanly: a chunked dataset's write error is swallowed when the
+    file closes (a truncated file and no exception) or crashes the process. Python's write raises ENOSPC. The
+    bytes equal those of a file written directly.
+    """
+    with h5py.File(f"{path}.mem", "w", driver="core", backing_store=False) as h5:
+        yield h5
+        h5.flush()
+        image = h5.id.get_file_image()
+    with open(path, "wb") as f:
+        f.write(image)
+
+
 _RUNNER: TaskRunner | None = None  # one per worker process
 
 
@@ -267,7 +292,7 @@ def write_shard(out: str, sources: list[tuple[str, list[int], list[int]]], n: in
         with h5py.File(file, "r") as h5:
             data[pos_sorted] = h5["data"][rows_sorted]  # h5py reads increasing row lists
             paths[pos_sorted] = h5["img_path"][rows_sorted]
-    with h5py.File(out, "w") as h5:
+    with h5_file(out) as h5:
         h5.attrs["n_examples"] = n
         h5.create_dataset("data", data=data, dtype="int32", chunks=(1, 4, msl))
         h5.create_dataset("img_path", data=paths, dtype=_STR)
@@ -394,7 +419,7 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
             k = len(tasks)
             tasks.append((k, str(path), start, end, str(work / f"examples_{k:05d}_{os.getpid()}.h5")))
 
-    try:
+    with staged(out, tmp):  # a failed run leaves no temporary files (a killed one's: the next run removes them)
         with _Pool(spec, hc.num_workers) as pool:
             results = pool.tasks(tasks)
             total = _Totals(results, inputs, tasks)
@@ -422,43 +447,40 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
                 shards.append((str(tmp / name), sources, len(sel), spec.msl))
                 files.append({"file": name, "n_examples": len(sel)})
             pool.shards(shards)
-    except BaseException:  # a failed run leaves no temporary files behind (a killed one: the next run removes them)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(work)
+        shutil.rmtree(work)
 
-    image_start = next(iter(total.image_starts))
-    params = {
-        "phase": phase,
-        "settings": {
-            "prompt_style": hc.prompt_style,
-            "max_sequence_length": spec.msl,
-            "shard_size": hc.shard_size,
-            "min_image_size": hc.min_image_size,
-            "tokenizer": cfg.model.tokenizer,
-            "image_size": image_size,
-            "patch_size": patch,
-            "seed": cfg.seed,
-            "inputs": [str(p) for p in inputs],
-            "image_root": str(cfg.image_root),
-        },
-        "processed": total.processed,
-        "processed_by_input": total.processed_by_input,
-        "discarded": sum(total.discarded.values()),
-        "discarded_by_reason": dict(sorted(total.discarded.items())),
-        "examples": total.examples,
-        "text_only_examples": total.text_only,
-        "image_notes": dict(sorted(total.image_notes.items())),
-        "files": files,
-        "shuffle": {"seed": cfg.seed, "across_files": True},
-        "eos_id": spec.eos_id,
-        "pad_id": spec.pad_id,
-        "bos_id": spec.bos_id,
-        "vocab_size": len(tok),
-        "token_stats": total.token_stats(spec.msl),
-        "image_patch_info": {"image_patch_start_idx": image_start, "num_patches": spec.num_patches},
-    }
-    write_json_atomic(tmp / "data_params.json", params)
+        image_start = next(iter(total.image_starts))
+        params = {
+            "phase": phase,
+            "settings": {
+                "prompt_style": hc.prompt_style,
+                "max_sequence_length": spec.msl,
+                "shard_size": hc.shard_size,
+                "min_image_size": hc.min_image_size,
+                "tokenizer": cfg.model.tokenizer,
+                "image_size": image_size,
+                "patch_size": patch,
+                "seed": cfg.seed,
+                "inputs": [str(p) for p in inputs],
+                "image_root": str(cfg.image_root),
+            },
+            "processed": total.processed,
+            "processed_by_input": total.processed_by_input,
+            "discarded": sum(total.discarded.values()),
+            "discarded_by_reason": dict(sorted(total.discarded.items())),
+            "examples": total.examples,
+            "text_only_examples": total.text_only,
+            "image_notes": dict(sorted(total.image_notes.items())),
+            "files": files,
+            "shuffle": {"seed": cfg.seed, "across_files": True},
+            "eos_id": spec.eos_id,
+            "pad_id": spec.pad_id,
+            "bos_id": spec.bos_id,
+            "vocab_size": len(tok),
+            "token_stats": total.token_stats(spec.msl),
+            "image_patch_info": {"image_patch_start_idx": image_start, "num_patches": spec.num_patches},
+        }
+        write_json_atomic(tmp / "data_params.json", params)
     replace_dir(tmp, out)
     return Hdf5Result(
         phase,

@@ -100,9 +100,22 @@ def peak_flops(device_name: str | None, override_tflops: float | None) -> float 
 
 # --- loss curve -------------------------------------------------------------------------------------------
 def read_metrics(path: Path) -> list[dict]:
+    """The metrics records; a last line cut short (by a run killed, or a disk filling up, as it wrote it) is left
+    out, so the next run still resumes. A damaged line before the last is an error naming it."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not a metrics record") from None
+    return records
 
 
 def write_loss_curve(records: list[dict], path: Path) -> None:

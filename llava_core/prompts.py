@@ -237,4 +237,39 @@ def encode_segments_batch(
 
 
 def count_image_placeholders(conversations: list[dict]) -> int:
-    return sum(t.get("value", "").count(IMAGE_PLACEHOLDER) for t in conversations if isinstance(t, dict))
+    """`<image>` occurrences in the turns' text values (a malformed turn counts none; the encoder rejects it)."""
+    return sum(
+        t["value"].count(IMAGE_PLACEHOLDER)
+        for t in conversations
+        if isinstance(t, dict) and isinstance(t.get("value"), str)
+    )
+
+
+def placeholder_problem(conversations: list[dict], has_image: bool) -> str | None:
+    """The counted rejection reason when the `<image>` placeholders do not fit the record, else None.
+
+    REFERENCE.md section 3: `<image>` appears exactly once, in the first human turn, when the record has an
+    image, and never in a text-only record (the encoder would otherwise move or drop it silently).
+    """
+    n = count_image_placeholders(conversations)
+    if not has_image:
+        return "image_placeholder_without_image" if n else None
+    first = conversations[0] if conversations else None
+    in_first = isinstance(first, dict) and isinstance(first.get("value"), str) and IMAGE_PLACEHOLDER in first["value"]
+    return None if n == 1 and in_first else "image_placeholder_count"
+
+
+def text_is_valid_unicode(value: object) -> bool:
+    """False when a string anywhere in `value` (a parsed JSON record) holds a lone surrogate: JSON's `\\ud800`
+    escapes parse, but the text cannot be written as UTF-8 nor tokenised."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(text_is_valid_unicode(k) and text_is_valid_unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(text_is_valid_unicode(v) for v in value)
+    return True

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llava_core import synthetic
-from llava_core.config import PipelineConfig, SourceConfig, partial_dir, replace_dir, write_json_atomic
+from llava_core.config import PipelineConfig, SourceConfig, partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.fetch import HEX64, check_hf_revision, extract_all, fetch_hf, fetch_http, fetch_s3, sha256_file
 
 MANIFEST = "manifest.json"
@@ -166,11 +166,12 @@ def download(cfg: PipelineConfig, source: str, refetch: bool = False) -> Downloa
     tmp = partial_dir(dest)
     work = dest.with_name(f".{dest.name}.work")  # kept when a transfer fails, so the next run resumes
     work.mkdir(parents=True, exist_ok=True)
-    SOURCE_KINDS[src.kind](src, tmp, work)
-    if src.extract:
-        extract_all(tmp)
-    manifest = build_manifest(tmp, declaration)
-    write_json_atomic(tmp / MANIFEST, manifest)
+    with staged(dest, tmp):  # a failed fetch leaves no partial folder (the work folder stays for a resume)
+        SOURCE_KINDS[src.kind](src, tmp, work)
+        if src.extract:
+            extract_all(tmp)
+        manifest = build_manifest(tmp, declaration)
+        write_json_atomic(tmp / MANIFEST, manifest)
     replace_dir(tmp, dest)  # an outdated or damaged copy is replaced only once the new one is complete
     shutil.rmtree(work, ignore_errors=True)
     return DownloadResult(source, dest, len(manifest["files"]), sum(f["size"] for f in manifest["files"]), False)

@@ -17,7 +17,10 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
     A tokenizer without a pad token gets its unk token as pad (the Llama/LLaVA convention, pad id 0).
     """
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing, empty or damaged folder (JSON errors too)
+        raise TokenizerError(f"tokenizer {path!r} cannot be loaded: {type(e).__name__}: {e}") from None
     missing = [name for name in ("bos_token_id", "eos_token_id") if getattr(tok, name) is None]
     if missing:
         raise TokenizerError(f"tokenizer {path!r} lacks {', '.join(missing)}; a Llama-style BOS and EOS are required")

@@ -23,7 +23,7 @@ import pandas as pd
 from llava_core.config import PipelineConfig, write_json_atomic
 from llava_core.hdf5 import NO_IMAGE
 from llava_core.images import ImageChecker, ImageRejected
-from llava_core.prompts import PromptError, conversation_segments, count_image_placeholders
+from llava_core.prompts import PromptError, conversation_segments, placeholder_problem
 
 EXAMPLES_SHOWN = 5  # failing rows named per expectation in the summary
 
@@ -92,7 +92,7 @@ def jsonl_frame(cfg: PipelineConfig, phase: str) -> pd.DataFrame:
         path = cfg.jsonl_path(dataset)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run the conversion stage first")
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # a line that is not UTF-8 is a row that does not parse, not a crash
             for n, line in enumerate(f, start=1):
                 if line.strip():
                     rows.append(_jsonl_row(f"{path.name}:{n}", dataset, line, style, images))
@@ -111,7 +111,7 @@ JSONL_COLUMNS = [
 ]
 
 
-def _jsonl_row(where: str, dataset: str, line: str, style: str, images: ImageChecker) -> dict:
+def _jsonl_row(where: str, dataset: str, line: bytes, style: str, images: ImageChecker) -> dict:
     row = dict.fromkeys(JSONL_COLUMNS, False)
     row.update(where=where, key=None, turns=0)
     try:
@@ -119,7 +119,7 @@ def _jsonl_row(where: str, dataset: str, line: str, style: str, images: ImageChe
         conv = rec["conversations"]
         if not isinstance(conv, list):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         return row
     row["parsed"] = True
     row["key"] = f"{dataset}/{rec['id']}" if rec.get("id") is not None else None
@@ -131,7 +131,7 @@ def _jsonl_row(where: str, dataset: str, line: str, style: str, images: ImageChe
         pass
     image = rec.get("image")
     row["has_image"] = image is not None
-    row["placeholders_match_image"] = count_image_placeholders(conv) == (1 if image is not None else 0)
+    row["placeholders_match_image"] = placeholder_problem(conv, image is not None) is None
     row["image_path_resolvable"] = image is None or _resolvable(images, image)
     return row
 

@@ -81,3 +81,14 @@ def aws_env(monkeypatch):
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def faulted_pipeline(tmp_path_factory):
+    """The small pipeline with every stage SIGKILLed once and run again, fake credentials in its environment
+    (tests/helpers_reliability.py: FaultedPipeline); shared by the fault and the secret-scan tests."""
+    from tests.helpers_reliability import FaultedPipeline
+
+    with FaultedPipeline(tmp_path_factory.mktemp("faulted")) as pipeline:
+        pipeline.run()
+        yield pipeline

@@ -4,12 +4,11 @@ a local stand-in for an OpenAI-compatible judge endpoint."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 from llava_core.config import load_config
-from tests.helpers_unit import base_params, write_params, write_png
+from tests.helpers_unit import LoopbackServer, base_params, write_params, write_png
 
 EVAL_QUESTIONS = [
     {
@@ -93,7 +92,7 @@ def judge_reply(content: str) -> tuple[int, dict]:
     return 200, {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": content}}]}
 
 
-class JudgeServer:
+class JudgeServer(LoopbackServer):
     """An OpenAI-compatible `/v1/chat/completions` on 127.0.0.1 in a thread; `reply(body, n)` -> (status, json)."""
 
     def __init__(self, reply) -> None:
@@ -116,18 +115,8 @@ class JudgeServer:
             def log_message(self, *args) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        super().__init__(Handler)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self) -> JudgeServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        return f"{self.url}/v1"

@@ -22,7 +22,11 @@ from tests.helpers_unit import PROJECT, base_params, write_params
 EXTRA = [
     TEXT_ONLY_EXTRA,
     "not json",
-    {"id": "gone", "image": "extra/none.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}]},
+    {
+        "id": "gone",
+        "image": "extra/none.png",
+        "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}],
+    },
 ]
 
 
