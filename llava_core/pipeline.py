@@ -51,7 +51,7 @@ def run_validate(cfg: PipelineConfig, phase: str) -> dict:
 
 
 def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> dict:
-    from llava_core.train import train
+    from llava_core.launch import train  # starts the training process; no torch here
 
     return _plain(train(cfg, phase, num_processes=num_processes))
 
