@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -159,8 +159,9 @@ class TaskRunner:
 
         self.encode_batch = encode_batch
 
-    def _record(self, line: bytes, res: TaskResult) -> tuple[Segments, str | None] | None:
-        """Parse and check one record; None (with the reason counted) when it is rejected."""
+    def _record(self, line: bytes, res: TaskResult) -> tuple[Segments | None, str | None, str | None] | None:
+        """Parse one record: (segments or None, the prompt error's reason or None, image path or None); None
+        (with the reason counted) when it is rejected before its image is looked at."""
         s = self.spec
         try:
             rec = json.loads(line)
@@ -178,18 +179,24 @@ class TaskRunner:
             res.discarded["phase1_without_image"] += 1
             return None
         try:
-            if image is not None:
-                info = self.images.check(image)
-                res.image_notes.update(info.notes)
-            return conversation_segments(conv, s.style), image
-        except (ImageRejected, PromptError) as e:
-            res.discarded[e.reason] += 1
-            return None
+            return conversation_segments(conv, s.style), None, image
+        except PromptError as e:  # counted only if the image passes (an image rejection is counted first)
+            return None, e.reason, image
+
+    def _check_images(self, images: list) -> list:
+        """ImageInfo or ImageRejected for each path (runs in a thread: PIL decodes without the GIL)."""
+        out = []
+        for image in images:
+            try:
+                out.append(self.images.check(image))
+            except ImageRejected as e:
+                out.append(e)
+        return out
 
     def run(self, task: int, source: str, start: int, end: int, out: str) -> TaskResult:
         s = self.spec
         res = TaskResult(task, None)
-        kept: list[tuple[Segments, str | None]] = []
+        parsed: list[tuple[Segments | None, str | None, str | None]] = []
         with open(source, "rb") as f:
             f.seek(start)
             chunk = f.read(end - start)
@@ -199,11 +206,28 @@ class TaskRunner:
             res.processed += 1
             r = self._record(raw, res)
             if r is not None:
-                kept.append(r)
-        segments = [seg for seg, _ in kept]
-        encoded = encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
+                parsed.append(r)
+        # The images are checked (full decode) in a thread while the tokenizer's Rust backend, which releases the
+        # GIL, encodes every conversation; a record whose image is rejected is then dropped with its tokens.
+        with ThreadPoolExecutor(1, thread_name_prefix="image-checks") as checker:
+            checks = checker.submit(self._check_images, [image for _, _, image in parsed if image is not None])
+            segments = [seg for seg, _, _ in parsed if seg is not None]
+            encoded = iter(
+                encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
+            )
+            infos = iter(checks.result())
         rows, paths = [], []
-        for (_, image), enc in zip(kept, encoded, strict=True):
+        for seg, error, image in parsed:
+            enc = next(encoded) if seg is not None else None
+            if image is not None:
+                info = next(infos)
+                if isinstance(info, ImageRejected):
+                    res.discarded[info.reason] += 1
+                    continue
+                res.image_notes.update(info.notes)
+            if enc is None:
+                res.discarded[error] += 1
+                continue
             if len(enc.input_ids) > s.msl:
                 res.discarded["longer_than_msl"] += 1
                 continue

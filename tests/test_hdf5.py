@@ -42,11 +42,11 @@ REJECTED = [
         },
     ),
     (
-        "image_undecodable",
+        "image_undecodable",  # also an odd number of turns: an image rejection is counted first
         {
             "id": "bad_trunc",
             "image": "extra/trunc.png",
-            "conversations": _qa("<image>\nWhat color is the circle?", "red"),
+            "conversations": _qa("<image>\nWhat color is the circle?", "red")[:1],
         },
     ),
     (
