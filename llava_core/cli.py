@@ -103,10 +103,27 @@ def _log_stage(args: argparse.Namespace, seconds: float, status: int) -> None:
     if not path:
         return
     name = " ".join([args.stage] + [str(getattr(args, a)) for a in ("source", "dataset", "phase") if hasattr(args, a)])
-    peak_kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    record = {"stage": name, "seconds": round(seconds, 3), "exit": status, "peak_rss_mib": round(peak_kib / 1024, 1)}
+    record = {"stage": name, "seconds": round(seconds, 3), "exit": status, "peak_rss_mib": round(peak_rss_mib(), 1)}
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def peak_rss_mib() -> float:
+    """The peak resident memory of this process or of a process it waited for, whichever is larger.
+
+    This process's own is VmHWM (its memory since exec): `ru_maxrss` of RUSAGE_SELF also keeps the peak of the
+    process it was forked from, e.g. a large orchestrator process. A child's (RUSAGE_CHILDREN) is a peak too.
+    """
+    own = None
+    try:
+        with open("/proc/self/status") as f:
+            own = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)  # KiB
+    except OSError:
+        pass
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 
 
 def _run_stage(args: argparse.Namespace, cfg, t0: float) -> int:
