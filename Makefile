@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint lock dagster dvc-remote clean
+.PHONY: setup demo test test-fast lint bench lock dagster dvc-remote clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ test: setup  ## the full test suite (unit + end-to-end on the tiny preset)
 
 test-fast: setup  ## unit tests only
 	$(VENV)/bin/pytest -q -m "not e2e"
+
+bench: setup  ## every benchmark, each figure beside its baseline from the same run: benchmarks/results/results.{json,md}
+	$(PY) -m benchmarks
 
 lint: setup
 	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts benchmarks
