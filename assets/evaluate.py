@@ -8,7 +8,6 @@ from assets.download import raw_key
 from assets.resources import PipelineSettings
 from assets.versioning import versioned
 from llava_core.config import PipelineConfig
-from llava_core.evaluate import evaluate
 
 
 def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
@@ -24,6 +23,8 @@ def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
     )
     @versioned(dg.AssetKey("eval_report"))
     def eval_report(settings: PipelineSettings) -> dg.MaterializeResult:
+        from llava_core.evaluate import evaluate  # torch: imported by this step only (assets/__init__)
+
         r = evaluate(settings.load())
         return dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))
 

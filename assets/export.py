@@ -12,9 +12,7 @@ from assets.download import TRANSIENT_RETRY
 from assets.resources import PipelineSettings, S3Resource
 from assets.train import checkpoint_key
 from assets.versioning import versioned
-from llava_core.checkpoint import export_hf, export_llava
 from llava_core.config import PipelineConfig
-from llava_core.publish import publish
 
 
 def training_metrics(checkpoint: Path) -> dict:
@@ -39,6 +37,9 @@ def build_export_assets(
     )
     @versioned(dg.AssetKey("hf_model"))
     def hf_model(settings: PipelineSettings) -> dg.MaterializeResult:
+        # torch: imported by the step that needs it, not by every process that loads the code location (assets/__init__)
+        from llava_core.checkpoint import export_hf
+
         c = settings.load()
         r = export_hf(c)
         return dg.MaterializeResult(
@@ -59,6 +60,8 @@ def build_export_assets(
     )
     @versioned(dg.AssetKey("llava_model"))
     def llava_model(settings: PipelineSettings) -> dg.MaterializeResult:
+        from llava_core.checkpoint import export_llava
+
         c = settings.load()
         r = export_llava(c)
         return dg.MaterializeResult(
@@ -84,6 +87,8 @@ def build_export_assets(
             description=f"models/{{{','.join(cfg.publish.models)}}} uploaded to s3://{cfg.publish.bucket}/.",
         )
         def published_model(settings: PipelineSettings, s3: S3Resource) -> dg.MaterializeResult:
+            from llava_core.publish import publish
+
             c = settings.load()
             r = publish(c, client=s3.client(c.publish.endpoint_url, c.publish.region))
             return dg.MaterializeResult(

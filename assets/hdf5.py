@@ -10,7 +10,6 @@ from assets.resources import PipelineSettings
 from assets.versioning import commit_gate, versioned
 from llava_core.config import PHASES, PipelineConfig
 from llava_core.hdf5 import build_hdf5
-from llava_core.validate import describe, validate_phase
 
 SUITES = ("jsonl", "hdf5")
 
@@ -64,6 +63,8 @@ def build_hdf5_checks(cfg: PipelineConfig) -> list[dg.AssetChecksDefinition]:
 
         @dg.multi_asset_check(specs=specs, name=f"validate_{phase}")
         def _validate(settings: PipelineSettings):
+            from llava_core.validate import describe, validate_phase  # pandas, Great Expectations: this step only
+
             r = validate_phase(settings.load(), phase)
             # a failed gate is not recorded in dvc.lock: `dvc repro` runs it again (and stops there), as it would
             dvc_lock = commit_gate(settings, f"validate_{phase}") if r.success else "not committed: the gate failed"

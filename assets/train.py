@@ -15,7 +15,7 @@ from assets.hdf5 import hdf5_key
 from assets.resources import PipelineSettings
 from assets.versioning import versioned
 from llava_core.config import PHASES
-from llava_core.train import finished, launch_command, launch_env, previous_phase
+from llava_core.launch import finished, launch_command, launch_env, previous_phase
 
 TRAIN_POOL = "gpu"
 

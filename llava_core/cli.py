@@ -13,12 +13,18 @@ llava-pipeline publish        # upload models/<hf|llava> to S3 (publish section)
 llava-pipeline import-hf <hf folder> [--out DIR]   # Hugging Face LLaVA -> training-format checkpoint
 llava-pipeline predict --model DIR --image IMG --prompt TEXT   # any checkpoint format
 llava-pipeline all            # every stage in order, then print the eval report
+
+LLAVA_STAGE_LOG=<file>: each command appends one JSON line to the file when it ends: the stage, its seconds
+(after the params file is read), its exit status and its peak RSS (the largest of the process and the processes
+it started, e.g. the training process): per-stage time and memory under any orchestrator (DVC, cron, CI).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -80,6 +86,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    status = 1
+    try:
+        status = _run_stage(args, cfg, t0)
+    finally:
+        _log_stage(args, time.perf_counter() - t0, status)
+    return status
+
+
+STAGE_LOG = "LLAVA_STAGE_LOG"
+
+
+def _log_stage(args: argparse.Namespace, seconds: float, status: int) -> None:
+    """One JSON line in $LLAVA_STAGE_LOG (appended: one short write, whole even from parallel stages)."""
+    path = os.environ.get(STAGE_LOG)
+    if not path:
+        return
+    name = " ".join([args.stage] + [str(getattr(args, a)) for a in ("source", "dataset", "phase") if hasattr(args, a)])
+    record = {"stage": name, "seconds": round(seconds, 3), "exit": status, "peak_rss_mib": round(peak_rss_mib(), 1)}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def peak_rss_mib() -> float:
+    """The peak resident memory of this process or of a process it waited for, whichever is larger.
+
+    This process's own is VmHWM (its memory since exec): `ru_maxrss` of RUSAGE_SELF also keeps the peak of the
+    process it was forked from, e.g. a large orchestrator process. A child's (RUSAGE_CHILDREN) is a peak too.
+    """
+    own = None
+    try:
+        with open("/proc/self/status") as f:
+            own = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)  # KiB
+    except OSError:
+        pass
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+
+
+def _run_stage(args: argparse.Namespace, cfg, t0: float) -> int:
     if args.stage == "download":
         result = pipeline.run_download(cfg, args.source, refetch=args.refetch)
     elif args.stage == "convert":

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +163,8 @@ class TaskRunner:
         self.encode_batch = encode_batch
 
     def _record(self, line: bytes, res: TaskResult) -> tuple[Segments, str | None] | None:
-        """Parse and check one record; None (with the reason counted) when it is rejected."""
+        """Parse and check one record, its image aside: (segments, image path or None); None (with the reason
+        counted) when it is rejected."""
         s = self.spec
         try:
             rec = json.loads(line)
@@ -177,26 +178,33 @@ class TaskRunner:
             res.discarded["invalid_unicode"] += 1
             return None
         image = rec.get("image")
-        try:  # the cheap checks first, the image decode last
+        try:  # the cheap checks first: a record rejected here never has its image decoded
             segments = conversation_segments(conv, s.style)
-            problem = placeholder_problem(conv, image is not None)
-            if problem is None and s.phase == "phase1" and image is None:
-                problem = "phase1_without_image"
-            if problem is not None:
-                res.discarded[problem] += 1
-                return None
-            if image is not None:
-                info = self.images.check(image)
-                res.image_notes.update(info.notes)
-            return segments, image
-        except (ImageRejected, PromptError) as e:
+        except PromptError as e:
             res.discarded[e.reason] += 1
             return None
+        problem = placeholder_problem(conv, image is not None)
+        if problem is None and s.phase == "phase1" and image is None:
+            problem = "phase1_without_image"
+        if problem is not None:
+            res.discarded[problem] += 1
+            return None
+        return segments, image
+
+    def _check_images(self, images: list) -> list:
+        """ImageInfo or ImageRejected for each path (runs in a thread: PIL decodes without the GIL)."""
+        out = []
+        for image in images:
+            try:
+                out.append(self.images.check(image))
+            except ImageRejected as e:
+                out.append(e)
+        return out
 
     def run(self, task: int, source: str, start: int, end: int, out: str) -> TaskResult:
         s = self.spec
         res = TaskResult(task, None)
-        kept: list[tuple[Segments, str | None]] = []
+        parsed: list[tuple[Segments, str | None]] = []
         with open(source, "rb") as f:
             f.seek(start)
             chunk = f.read(end - start)
@@ -206,11 +214,22 @@ class TaskRunner:
             res.processed += 1
             r = self._record(raw, res)
             if r is not None:
-                kept.append(r)
-        segments = [seg for seg, _ in kept]
-        encoded = encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
+                parsed.append(r)
+        # The images are checked (full decode) in a thread while the tokenizer's Rust backend, which releases the
+        # GIL, encodes every conversation; a record whose image is rejected is then dropped with its tokens.
+        with ThreadPoolExecutor(1, thread_name_prefix="image-checks") as checker:
+            checks = checker.submit(self._check_images, [image for _, image in parsed if image is not None])
+            segments = [seg for seg, _ in parsed]
+            encoded = encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
+            infos = iter(checks.result())
         rows, paths = [], []
-        for (_, image), enc in zip(kept, encoded, strict=True):
+        for (_, image), enc in zip(parsed, encoded, strict=True):
+            if image is not None:
+                info = next(infos)
+                if isinstance(info, ImageRejected):
+                    res.discarded[info.reason] += 1
+                    continue
+                res.image_notes.update(info.notes)
             if len(enc.input_ids) > s.msl:
                 res.discarded["longer_than_msl"] += 1
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 from llava_core.config import PHASES, PipelineConfig
@@ -51,7 +52,7 @@ def run_validate(cfg: PipelineConfig, phase: str) -> dict:
 
 
 def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> dict:
-    from llava_core.train import train
+    from llava_core.launch import train  # starts the training process; no torch here
 
     return _plain(train(cfg, phase, num_processes=num_processes))
 
@@ -93,23 +94,42 @@ def run_publish(cfg: PipelineConfig) -> dict:
     return _plain(publish(cfg))
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the whole chain: `llava-pipeline <cli...>` runs `run(cfg, *args)`; its summary goes to
+    `run_all`'s result under `group` (and `key` when the group has one per source, dataset or phase)."""
+
+    group: str
+    key: str | None
+    cli: tuple[str, ...]
+    run: Callable[..., Any]
+    args: tuple = ()
+
+
+def stages(cfg: PipelineConfig) -> list[Stage]:
+    """Every stage of `llava-pipeline all`, in dependency order (also what the benchmarks run one by one)."""
+    out = [Stage("download", s, ("download", s), run_download, (s,)) for s in cfg.sources]
+    out += [Stage("convert", d, ("convert", d), run_convert, (d,)) for d in cfg.datasets]
+    for group, runner in (("hdf5", run_hdf5), ("validate", run_validate), ("train", run_train)):
+        out += [Stage(group, p, (group, p), runner, (p,)) for p in PHASES]
+    return out + [
+        Stage("export", None, ("export",), run_export),
+        Stage("export_llava", None, ("export-llava",), run_export_llava),
+        Stage("eval", None, ("evaluate",), run_evaluate),
+    ]
+
+
 def run_all(cfg: PipelineConfig, log=print) -> dict:
     """Every stage in dependency order; returns each stage's summary and its wall time."""
     out: dict[str, Any] = {"seconds": {}}
-
-    def timed(name: str, fn, *args):
+    for stage in stages(cfg):
+        name = " ".join(stage.cli)
         t0 = time.perf_counter()
         log(f"==> {name}")
-        result = fn(cfg, *args)
+        result = stage.run(cfg, *stage.args)
         out["seconds"][name] = round(time.perf_counter() - t0, 2)
-        return result
-
-    out["download"] = {s: timed(f"download {s}", run_download, s) for s in cfg.sources}
-    out["convert"] = {d: timed(f"convert {d}", run_convert, d) for d in cfg.datasets}
-    out["hdf5"] = {p: timed(f"hdf5 {p}", run_hdf5, p) for p in PHASES}
-    out["validate"] = {p: timed(f"validate {p}", run_validate, p) for p in PHASES}
-    out["train"] = {p: timed(f"train {p}", run_train, p) for p in PHASES}
-    out["export"] = timed("export", run_export)
-    out["export_llava"] = timed("export-llava", run_export_llava)
-    out["eval"] = timed("evaluate", run_evaluate)
+        if stage.key is None:
+            out[stage.group] = result
+        else:
+            out.setdefault(stage.group, {})[stage.key] = result
     return out

@@ -1,9 +1,9 @@
 """Stage 4, training: one phase of the LLaVA recipe as an explicit accelerate loop, in its own process.
 
-`train(cfg, phase)` is the stage function: it writes the resolved config next to the run and starts
-`accelerate launch -m llava_core.train` with the phase's accelerate config (the Dagster asset starts the
-same command through Dagster Pipes). The launched process runs `Recipe` (setup model, data, optimizer; loss
-step; train). It works in `checkpoints/.<phase>.partial/`: metrics, TensorBoard events and, every
+`train(cfg, phase)` (in `llava_core.launch`, which imports no torch) is the stage function: it writes the
+resolved config next to the run and starts `accelerate launch -m llava_core.train` with the phase's
+accelerate config (the Dagster asset starts the same command through Dagster Pipes). The launched process
+runs `Recipe` (setup model, data, optimizer; loss step; train). It works in `checkpoints/.<phase>.partial/`: metrics, TensorBoard events and, every
 `save_every` steps, a resumable checkpoint `step-<n>/` (accelerate state: trainable weights, optimizer,
 scheduler, RNG states, data position), written as `.step-<n>.tmp/` and renamed when complete. A restarted
 run with the same config continues from the last one; the finished checkpoint is renamed to
@@ -17,12 +17,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +26,15 @@ from torch.utils.data import DataLoader
 
 from llava_core.config import PipelineConfig, config_from_dict, replace_dir, write_json_atomic
 from llava_core.hdf5 import LlavaHdf5Dataset, collate_trimmed
+from llava_core.launch import (  # noqa: F401  (the stage function and its helpers, re-exported)
+    SUMMARY,
+    TrainResult,
+    finished,
+    launch_command,
+    launch_env,
+    previous_phase,
+    train,
+)
 from llava_core.model import (
     LlavaModel,
     apply_freeze,
@@ -56,7 +61,6 @@ from llava_core.observe import (
 from llava_core.sampler import DataPosition, EpochBatches, record_info
 from llava_core.tokenizer import load_tokenizer
 
-SUMMARY = "train_summary.json"
 RESUME_KEY = "resume_key.json"
 STEP_PREFIX = "step-"
 # Settings that change what a run shows or how often it saves, not what it computes: a partial run resumes
@@ -64,21 +68,8 @@ STEP_PREFIX = "step-"
 OBSERVE_ONLY = ("log_every", "save_every", "keep_last", "num_workers", "resume", "tensorboard", "peak_tflops")
 
 
-@dataclass
-class TrainResult:
-    phase: str
-    path: Path
-    steps: int
-    final_loss: float
-    summary: dict
-
-
 class ResumeMismatch(RuntimeError):
     """A partial run exists whose settings differ from the current ones."""
-
-
-def previous_phase(phase: str) -> str | None:
-    return {"phase1": None, "phase2": "phase1"}[phase]
 
 
 def work_dir(cfg: PipelineConfig, phase: str) -> Path:
@@ -494,42 +485,6 @@ class Recipe:
         elif self.observer is not None:
             self.observer.close()
         acc.wait_for_everyone()
-
-
-def launch_command(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> list[str]:
-    """The `accelerate launch` command of one phase (its resolved config written beside the checkpoints)."""
-    if phase not in cfg.train:
-        raise KeyError(f"unknown phase {phase!r}; valid: {sorted(cfg.train)}")
-    tc = cfg.train[phase]
-    out = cfg.checkpoint_dir(phase)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    spec = out.parent / f".{phase}.launch.json"
-    write_json_atomic(spec, cfg.to_dict())
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.resolve_file(tc.accelerate_config)]
-    if num_processes is not None:
-        cmd += ["--num_processes", str(num_processes)]
-    return cmd + ["-m", "llava_core.train", "--config-json", str(spec), "--phase", phase]
-
-
-def launch_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def finished(cfg: PipelineConfig, phase: str) -> TrainResult:
-    """The result of a completed phase, read from its checkpoint folder."""
-    out = cfg.checkpoint_dir(phase)
-    summary = json.loads((out / SUMMARY).read_text())
-    (out.parent / f".{phase}.launch.json").unlink(missing_ok=True)
-    return TrainResult(phase, out, summary["steps"], summary["final_loss"], summary)
-
-
-def train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> TrainResult:
-    """Stage function: run one phase under `accelerate launch` and return its summary."""
-    cmd = launch_command(cfg, phase, num_processes)
-    proc = subprocess.run(cmd, env=launch_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"training {phase} failed (exit {proc.returncode}); command: {' '.join(cmd)}")
-    return finished(cfg, phase)
 
 
 def main(argv: list[str] | None = None) -> None:

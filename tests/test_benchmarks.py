@@ -1,4 +1,5 @@
-"""benchmarks/gpu_bench.py end to end in its CPU smoke mode, and the 7B FLOPs it projects from."""
+"""The benchmarks: gpu_bench.py in its CPU smoke mode and the 7B FLOPs it projects from; the `make bench` harness
+in its --quick mode (every benchmark present, ratios and verdicts from the measured figures, no time asserted)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import gpu_bench
+from benchmarks import common, gpu_bench
 
 
 def test_gpu_bench_smoke_runs_and_projects_consistently(tmp_path):
@@ -35,3 +36,52 @@ def test_7b_recipe_flops_from_the_real_shapes():
         assert got_seq == seq
         hours = gpu_bench.RECIPE[phase]["published_hours_8xA100"]
         assert 0.25 < flops / (8 * 312e12 * hours * 3600) < 0.35
+
+
+def test_gpu_rows_from_a_run_and_without_a_gpu(tmp_path, monkeypatch):
+    """The results-table rows of the GPU script: MFU = achieved / peak TFLOP/s, the projection against the
+    published times; with no GPU the same rows, marked not run."""
+    r = gpu_bench.run(smoke=True, peak_tflops=1.0, out_dir=tmp_path)
+    rows = {row["figure"]: row for row in gpu_bench.rows(r)}
+    assert len(rows) == len(gpu_bench.ROWS) + len(gpu_bench.RECIPE)
+    for key, name, target in gpu_bench.ROWS:
+        assert rows[name]["ratio"] == pytest.approx(r["measured"][key]["mfu"])
+        assert rows[name]["met"] == (None if target is None else r["measured"][key]["mfu"] >= target[2])
+    monkeypatch.setattr(gpu_bench, "gpu_name", lambda: None)
+    none = gpu_bench.harness()
+    assert [row["figure"] for row in none["figures"]] == list(rows)
+    assert all(row["ours"] is None and "not run" in row["note"] for row in none["figures"])
+
+
+@pytest.mark.e2e
+def test_make_bench_quick_measures_every_benchmark(tmp_path):
+    """`python -m benchmarks --quick`: every benchmark runs (real Dagster, DVC, training) and each row's ratio and
+    verdict come from its own measured figures. Times are never asserted."""
+    from benchmarks import run_all
+
+    assert run_all.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results_quick.json").read_text())
+    rows = result["figures"]
+    assert {r["benchmark"] for r in rows} == {"hdf5", "loader", "train", "orchestration", "memory", "gpu"}
+    names = " | ".join(r["figure"] for r in rows)
+    for expected in ("writer, 1 process", "writer, 2 processes", "scaling", "DataLoader", "HF Trainer",
+                     "through Dagster", "multiprocess executor", "in_process executor", "through dvc repro",
+                     "re-run with nothing changed: dvc repro", "re-run with nothing changed: Dagster",
+                     "peak RSS: download synthetic_shapes"):  # fmt: skip
+        assert expected in names, expected
+    for r in rows:
+        if r["benchmark"] == "gpu":  # no GPU here
+            continue
+        assert r["ours"] is not None and r["ours"] > 0 and r["baseline"] > 0, r
+        assert r["ratio"] == pytest.approx(r["ours"] / r["baseline"]), r
+        if r["target"] is not None:
+            on, op, value = r["target"].split()
+            got = r["ratio"] if on == "ratio" else r["ours"]
+            assert r["met"] == common.OPS[op](got, float(value)), r
+    m = result["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and m["python"] and m["torch"] and m["date"]
+    assert len(m["load_average_start"]) == len(m["load_average_end"]) == 3
+    assert set(result["seconds_by_benchmark"]) == set(run_all.BENCHMARKS)
+    table = (tmp_path / "results_quick.md").read_text().splitlines()
+    assert "| benchmark | figure | ours | baseline | ratio | target | met |" in table
+    assert sum(line.startswith("| ") for line in table) == len(rows) + 1

@@ -75,7 +75,7 @@ REJECTED = [
     ),
     ("malformed_record", '{"id": "bad_json", "conversations": [{"from": "human"'),
     (
-        "odd_number_of_turns",
+        "odd_number_of_turns",  # its image is truncated too: the cheap checks count first, nothing is decoded
         {"id": "bad_odd", "image": "extra/odd.png", "conversations": _qa("<image>\nWhat color?", "red")[:1]},
     ),
 ]
@@ -95,9 +95,9 @@ def ws(tmp_path_factory):
         assert res.written == 20 and res.dropped == {}
     extra = cfg.image_root / "extra"
     write_truncated_png(extra / "trunc.png")
+    write_truncated_png(extra / "odd.png")
     write_png(extra / "two.png")
     write_png(extra / "long.png")
-    write_png(extra / "odd.png")
     write_png(extra / "small.png", size=(4, 4))
     write_png(cfg.image_root.parent / "outside.png")
     Image.new("L", (20, 12), 90).save(extra / "gif.jpg", format="GIF")

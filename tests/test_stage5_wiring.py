@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from llava_core import pipeline
@@ -11,7 +12,7 @@ from llava_core.cli import main
 from llava_core.config import load_config
 from llava_core.tokenizer import load_tokenizer
 from tests.helpers_models import eval_workspace, write_checkpoint
-from tests.helpers_unit import PROJECT
+from tests.helpers_unit import PROJECT, base_params, write_params
 
 
 def test_export_llava_and_import_hf_commands(tmp_path, capsys):
@@ -42,6 +43,38 @@ def test_run_all_exports_both_formats_before_evaluating(tmp_path, monkeypatch):
         monkeypatch.setattr(pipeline, f"run_{name}", lambda cfg, *a, _n=name: calls.append(_n) or {})
     pipeline.run_all(cfg, log=lambda msg: None)
     assert calls[-3:] == ["export", "export_llava", "evaluate"]
+
+
+def test_stage_log_has_one_line_per_command(tmp_path, monkeypatch):
+    """LLAVA_STAGE_LOG: each stage command appends its name, seconds, exit status and peak RSS (failures too)."""
+    params = write_params(tmp_path, base_params(tmp_path))
+    log = tmp_path / "stages.jsonl"
+    monkeypatch.setenv("LLAVA_STAGE_LOG", str(log))
+    assert main(["--params", str(params), "download", "synthetic_shapes"]) == 0
+    with pytest.raises(KeyError, match="unknown dataset"):
+        main(["--params", str(params), "convert", "no_such_dataset"])
+    done, failed = (json.loads(line) for line in log.read_text().splitlines())
+    assert done["stage"] == "download synthetic_shapes" and done["exit"] == 0
+    assert done["seconds"] >= 0 and done["peak_rss_mib"] > 10  # at least the interpreter
+    assert failed["stage"] == "convert no_such_dataset" and failed["exit"] == 1
+
+
+def test_stages_are_the_cli_commands_in_dependency_order(tmp_path):
+    cfg = load_config(eval_workspace(tmp_path))
+    assert [" ".join(s.cli) for s in pipeline.stages(cfg)] == [
+        "download synthetic_shapes",
+        "convert shapes_pretrain",
+        "convert shapes_instruct",
+        "hdf5 phase1",
+        "hdf5 phase2",
+        "validate phase1",
+        "validate phase2",
+        "train phase1",
+        "train phase2",
+        "export",
+        "export-llava",
+        "evaluate",
+    ]
 
 
 def test_dvc_stages_for_stage_5():

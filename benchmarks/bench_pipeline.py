@@ -1,0 +1,316 @@
+"""The whole tiny pipeline run directly, through Dagster and through DVC: overhead, re-runs, peak memory per stage.
+
+    python -m benchmarks.bench_pipeline [--quick] [--json PATH]
+
+One reduced workspace recipe (the embedded synthetic source with a few hundred records, one short epoch per
+phase; `--quick`: a few dozen records, the download stage only), each way in its own fresh
+workspace and fresh processes, timed from outside as a user starts it:
+- direct: the stage functions called in order in one process (`llava_core.pipeline.run_all`, what
+  `llava-pipeline all` runs) - the baseline;
+- Dagster: the `llava_pipeline` job (`llava_data` with `--quick`) of the project's Definitions on a real
+  instance (DAGSTER_HOME with the project's dagster.yaml), in a git + DVC repository as the project is (every
+  asset also records itself in dvc.lock), once with each executor: `multiprocess` (the default: a process per
+  step) and `in_process` (`LLAVA_EXECUTOR=in_process`);
+- `dvc repro` in another git + DVC repository holding the project's stages; each stage (`llava-pipeline
+  <stage>`, its own process) logs its time and peak RSS through LLAVA_STAGE_LOG (the largest of the process
+  and the processes it waited for: the training process for `train`). Those are the memory figures, each
+  beside the stage's import floor (a process that only imports the stage's code).
+Then the re-run with nothing changed: `dvc repro` again, and for Dagster what the UI's "Materialize changed
+and missing" does: the job's assets that are not fresh (stale status from the instance), none -> no run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    PROJECT,
+    bench_main,
+    check,
+    figure,
+    timed_process,
+    tiny_params,
+    venv_env,
+    write_params,
+)
+
+FULL = {
+    "source": {"num_pretrain": 192, "num_instruct": 192, "num_eval_images": 8},
+    "train": {p: {"epochs": 1, "global_batch_size": 16, "micro_batch_size": 16} for p in ("phase1", "phase2")},
+}
+QUICK = {"source": {"num_pretrain": 16, "num_instruct": 16, "num_eval_images": 2}, "train": {}}
+QUICK_GROUPS = ("download",)  # --quick: the first stage only (checks that every way runs; no figure to read)
+# what each stage's process imports before it does any work (its memory floor)
+FLOOR_MODULES = {
+    "download": "llava_core.sources",
+    "convert": "llava_core.convert",
+    "hdf5": "llava_core.hdf5, llava_core.tokenizer",
+    "validate": "llava_core.validate",
+    "train": "llava_core.train",
+    "export": "llava_core.checkpoint",
+    "export_llava": "llava_core.checkpoint",
+    "eval": "llava_core.evaluate",
+}
+EXECUTORS = ("multiprocess", "in_process")  # the code location's default first (LLAVA_EXECUTOR)
+EXECUTOR_NOTE = {
+    "multiprocess": "a process per step: each loads the code location and imports its stage's libraries",
+    "in_process": "every step in the run's process (LLAVA_EXECUTOR=in_process)",
+}
+MAX_RERUN_S = 10.0
+MAX_OVERHEAD = 1.10
+
+
+def _params(root: str, quick: bool) -> dict:
+    sizes = QUICK if quick else FULL
+    return tiny_params(Path(root), sizes["source"], sizes["train"])
+
+
+def _stages(params: Path, quick: bool) -> list:
+    from llava_core.config import load_config
+    from llava_core.pipeline import stages
+
+    return [s for s in stages(load_config(params)) if not quick or s.group in QUICK_GROUPS]
+
+
+def _repo(repo: Path, quick: bool) -> Path:
+    """A git + DVC repository holding the project's stages and a params.yaml for this workspace (root ".")."""
+    repo.mkdir(parents=True)
+    for name in ("llava_core", "configs"):
+        shutil.copytree(PROJECT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(PROJECT / name, repo / name)
+    params = write_params(repo / "params.yaml", _params(".", quick))
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, env=venv_env(), check=True, capture_output=True)
+    return params
+
+
+def _dagster_home(home: Path) -> Path:
+    """DAGSTER_HOME as `make dagster` makes it (the project's dagster.yaml), its storage created, as a user's
+    instance already is (creating the SQLite schema takes seconds, once)."""
+    import dagster as dg
+
+    home.mkdir()
+    shutil.copy(PROJECT / "configs/dagster/dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)):
+        pass
+    return home
+
+
+def _loop_seconds(root: Path) -> float:
+    """The training loops' own seconds in a workspace (each phase's train_summary.json), 0 without training."""
+    return sum(json.loads(p.read_text())["seconds"] for p in root.glob("checkpoints/*/train_summary.json"))
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+# --- the ways, each in its own process ----------------------------------------------------------------------
+def _direct(params: str, quick: bool) -> dict:
+    """In a fresh process: the stage functions in order (run_all, or its data stages with --quick)."""
+    from llava_core.config import load_config
+    from llava_core.pipeline import run_all
+
+    cfg = load_config(params)
+    if not quick:
+        return {"seconds_by_stage": run_all(cfg, log=lambda _m: None)["seconds"]}
+    seconds = {}
+    for stage in _stages(Path(params), quick):
+        t0 = time.perf_counter()
+        stage.run(cfg, *stage.args)
+        seconds[" ".join(stage.cli)] = round(time.perf_counter() - t0, 2)
+    return {"seconds_by_stage": seconds}
+
+
+def _dagster(params: str, home: str, job: str, stale_only: bool, quick: bool) -> dict:
+    """In a fresh process (LLAVA_PARAMS set): the job on the instance in `home` (`quick`: its download
+    assets); with `stale_only`, only those that are not fresh, and no run at all when every one is."""
+    import dagster as dg
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+    from dagster._time import get_current_datetime
+
+    t0 = time.perf_counter()
+    from orchestration.definitions import defs
+
+    out = {"code_location_load_s": time.perf_counter() - t0}
+    job_def = defs.resolve_job_def(job)
+    graph = defs.resolve_asset_graph()
+    keys = {k for k in job_def.asset_layer.executable_asset_keys if not quick or graph.get(k).group_name in QUICK_GROUPS}
+    selection = sorted(keys) if quick else None
+    with dg.DagsterInstance.from_config(home) as instance:
+        if stale_only:
+            t1 = time.perf_counter()
+            view = AssetGraphView(
+                temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                instance=instance,
+                asset_graph=graph,
+            )
+            resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+            selection = sorted(k for k in keys if resolver.get_status(k) != StaleStatus.FRESH)
+            out["stale_check_s"] = time.perf_counter() - t1
+            out["not_fresh"] = [k.to_user_string() for k in selection]
+            if not selection:
+                return {**out, "ran": False, "success": True}
+        repo = ReconstructableRepository.for_module("orchestration.definitions", "defs", str(PROJECT))
+        t2 = time.perf_counter()
+        result = dg.execute_job(ReconstructableJob(repo, job), instance=instance, asset_selection=selection)
+        out["run_s"] = time.perf_counter() - t2
+        out.update(ran=True, success=result.success, steps=_step_seconds(instance, result.run_id))
+    return out
+
+
+def _step_seconds(instance, run_id: str) -> dict[str, float]:
+    """Each step's duration from the run's event log (start to success or failure)."""
+    import dagster as dg
+
+    start, end = {}, {}
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            start[event.step_key] = record.timestamp
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+            end[event.step_key] = record.timestamp
+    return {k: round(end[k] - start[k], 2) for k in start if k in end}
+
+
+def _in_process(args: list[str], env: dict | None = None) -> dict:
+    """`python -m benchmarks.bench_pipeline <args>` timed from outside; its JSON answer merged in."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+        r = check(timed_process([sys.executable, "-m", "benchmarks.bench_pipeline", *args, f.name], env=env), args[0])
+        return {**json.loads(Path(f.name).read_text()), "seconds": r["seconds"]}
+
+
+def run(quick: bool = False) -> dict:
+    job = "llava_data" if quick else "llava_pipeline"
+    q = ["--quick"] if quick else []
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        tmp = Path(tmp)
+        # 1. direct: the stage functions in one process
+        direct_params = write_params(tmp / "direct/params.yaml", _params(".", quick))
+        direct = _in_process(["direct", str(direct_params), *q])
+        loops = {"direct": _loop_seconds(direct_params.parent)}
+
+        # 2. Dagster on a real instance, in a git + DVC repository, with each executor
+        dagster = {}
+        for executor in EXECUTORS:
+            home = _dagster_home(tmp / f"dagster_home_{executor}")
+            params = _repo(tmp / f"dagster_repo_{executor}", quick)
+            env = venv_env(LLAVA_PARAMS=str(params), DAGSTER_HOME=str(home), LLAVA_EXECUTOR=executor)
+            dagster[executor] = _in_process(["dagster", str(params), str(home), job, *q], env)
+            loops[executor] = _loop_seconds(params.parent)
+            if executor == EXECUTORS[0]:  # 3. what is not fresh, with nothing changed
+                dagster_again = _in_process(["dagster", str(params), str(home), job, "--stale-only", *q], env)
+
+        # 4. dvc repro, each stage logging its time and peak memory (LLAVA_STAGE_LOG); again, nothing changed
+        dvc_params = _repo(tmp / "dvc_repo", quick)
+        log = tmp / "stages.jsonl"
+        targets = [f"download@{s.args[0]}" for s in _stages(dvc_params, quick)] if quick else []
+        dvc_cmd = [sys.executable, "-m", "dvc", "repro", *targets]
+        dvc = check(timed_process(dvc_cmd, dvc_params.parent, venv_env(LLAVA_STAGE_LOG=str(log))), "dvc repro")
+        dvc_again = check(timed_process(dvc_cmd, dvc_params.parent), "dvc repro (nothing changed)")
+        per_stage = [json.loads(line) for line in log.read_text().splitlines()]
+        loops["dvc"] = _loop_seconds(dvc_params.parent)
+        workspace_bytes = sum(_du(dvc_params.parent / d) for d in ("data", "checkpoints", "models", "reports"))
+
+        # 5. each stage's import floor: a process that imports the stage's code and exits
+        floors = {}
+        for stage in _stages(direct_params, quick):
+            module = FLOOR_MODULES[stage.group]
+            if module not in floors:
+                code = f"import llava_core.cli, {module}; print(llava_core.cli.peak_rss_mib())"
+                floors[module] = float(check(timed_process([sys.executable, "-c", code]), module)["output"].split()[-1])
+
+    base = direct["seconds"]
+    what = "download stage" if quick else "whole pipeline"
+    stages_s = sum(r["seconds"] for r in per_stage)
+    direct_name = "direct: the stage functions in one process"
+    def overhead(seconds: float, way: str) -> str:
+        """The overhead, and the same without the training loops' own time (the same work each way, whose
+        speed on a shared machine varies from run to run more than the orchestration costs)."""
+        text = f"overhead {seconds - base:+.0f} s"
+        if loops[way] or loops["direct"]:
+            outside = (seconds - loops[way]) - (base - loops["direct"])
+            text += (f", {outside:+.0f} s outside the training loops ({outside / base:.0%} of direct; the loops took "
+                     f"{loops[way]:.0f} s here, {loops['direct']:.0f} s direct)")
+        return text
+
+    figures = [
+        figure("orchestration", f"{what} through Dagster ({job}, {executor} executor)", "s", d["seconds"], base,
+               direct_name, ("ratio", "<=", MAX_OVERHEAD),
+               note=f"{overhead(d['seconds'], executor)}; {EXECUTOR_NOTE[executor]}")
+        for executor, d in dagster.items()
+    ]  # fmt: skip
+    figures += [
+        figure("orchestration", f"{what} through dvc repro", "s", dvc["seconds"], base, direct_name,
+               ("ratio", "<=", MAX_OVERHEAD),
+               note=f"{overhead(dvc['seconds'], 'dvc')}; the stage commands' own time {stages_s:.0f} s, DVC and "
+                    f"the stage processes' start the rest"),
+        figure("orchestration", "re-run with nothing changed: dvc repro", "s", dvc_again["seconds"], dvc["seconds"],
+               "the first dvc repro", ("ours", "<", MAX_RERUN_S),
+               note="ran nothing" if "Running stage" not in dvc_again["output"] else "RAN A STAGE"),
+        figure("orchestration", "re-run with nothing changed: Dagster, materialise what is not fresh", "s",
+               dagster_again["seconds"], dagster[EXECUTORS[0]]["seconds"], "the first Dagster run",
+               ("ours", "<", MAX_RERUN_S),
+               note="nothing stale, no run" if not dagster_again["ran"] else f"ran {dagster_again['not_fresh']}"),
+    ]  # fmt: skip
+    size = f"{_records(quick)} records, workspace {workspace_bytes / 2**20:.0f} MiB"
+    figures += [
+        figure("memory", f"peak RSS: {r['stage']} (under dvc repro)", "MiB", r["peak_rss_mib"],
+               round(floors[FLOOR_MODULES[_group(r["stage"])]], 1), "its import floor (a process importing its code)",
+               note=size)
+        for r in per_stage
+    ]  # fmt: skip
+    return {
+        "figures": figures,
+        "details": {
+            "workspace": _params(".", quick)["sources"]["synthetic_shapes"]["options"],
+            "train": (QUICK if quick else FULL)["train"],
+            "workspace_bytes": workspace_bytes,
+            "direct": direct,
+            "dagster": dagster,
+            "dagster_rerun": dagster_again,
+            "dvc_repro_s": dvc["seconds"],
+            "dvc_stages": per_stage,
+            "dvc_repro_again_s": dvc_again["seconds"],
+            "dvc_repro_again_output": dvc_again["output"][-2000:],
+            "import_floor_mib": floors,
+            "training_loop_s": loops,
+        },
+    }
+
+
+def _records(quick: bool) -> str:
+    o = (QUICK if quick else FULL)["source"]
+    return f"{o['num_pretrain']} + {o['num_instruct']}"
+
+
+def _group(stage: str) -> str:
+    """The `pipeline.Stage` group of a CLI stage name ("export-llava" -> "export_llava", "evaluate" -> "eval")."""
+    name = stage.split()[0]
+    return {"export-llava": "export_llava", "evaluate": "eval"}.get(name, name)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("direct", "dagster"):  # one way, in this process (see run)
+        args, out = sys.argv[2:-1], Path(sys.argv[-1])
+        quick, stale = "--quick" in args, "--stale-only" in args
+        args = [a for a in args if not a.startswith("--")]
+        result = _direct(args[0], quick) if sys.argv[1] == "direct" else _dagster(*args, stale_only=stale, quick=quick)
+        out.write_text(json.dumps(result, default=str))
+        return
+    bench_main(run, __doc__)
+
+
+if __name__ == "__main__":
+    main()
