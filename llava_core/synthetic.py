@@ -6,8 +6,13 @@ Writes, into one folder, exactly what a user would download for a real LLaVA run
 - ``eval_questions.jsonl``: a held-out ``model_vqa``-style question file with reference answers,
 - ``images/`` and ``eval_images/``: the PNG files the records point at (paths relative to the folder).
 
-Every question needs the image: the colour of a named shape, how many shapes, whether a shape is there
-(yes/no, balanced as in POPE) and where a shape is.
+Every question needs the image: the colour of a named shape, how many shapes, whether a shape or a colour is
+there (yes/no, balanced as in POPE) and where a shape is.
+
+The training conversations are built so that a model trained from scratch learns to condition its answer on
+the question within a few hundred CPU steps: each one asks about every colour and every shape kind of its
+image (several yes and no answers to near-identical questions, so only the key word tells them apart), and the
+short-answer instruction follows the first question only, as in LLaVA's multi-turn VQA records.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 OUTLINE_COLOR = (20, 20, 20)
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+KINDS = ("color", "count", "exists", "color_exists", "position")  # the question categories
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CAPTION_PROMPTS = (
     "Describe the image briefly.",
@@ -58,8 +64,18 @@ class ShapesOptions:
     shape_fill: float = 0.875  # shape extent as a fraction of its quadrant
     jitter: int = 0  # random offset of a shape inside its quadrant, in pixels (harder when > 0)
     outline: int = 2  # width of the dark contour around each shape, in pixels (0: none)
+    kinds_per_conversation: tuple[int, int] = (5, 5)  # (min, max) of the five question kinds a conversation asks
+    exhaustive_yes_no: bool = True  # yes/no kinds ask about every colour and shape kind, not one yes and one no
+    suffix_every_turn: bool = False  # the short-answer instruction after every question, not the first only
+    caption_fraction: float = 0.2  # conversations that also ask for a description of the image
 
     def __post_init__(self) -> None:
+        kinds = tuple(self.kinds_per_conversation)  # a list when it comes from params.yaml
+        object.__setattr__(self, "kinds_per_conversation", kinds)
+        if len(kinds) != 2 or not 1 <= kinds[0] <= kinds[1] <= len(KINDS):
+            raise ValueError(f"kinds_per_conversation must be [min, max] with 1 <= min <= max <= 5, got {list(kinds)}")
+        if not 0.0 <= self.caption_fraction <= 1.0:
+            raise ValueError(f"caption_fraction must be in [0, 1], got {self.caption_fraction}")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         for name in ("num_pretrain", "num_instruct", "num_eval_images"):
@@ -144,8 +160,16 @@ def caption(scene: list[PlacedShape]) -> str:
     return (parts[0][0].upper() + parts[0][1:] + "".join(f", {p}" for p in parts[1:])) + "."
 
 
+def shape_question(shape: str) -> str:
+    return f"Is there a {shape} in the image?"
+
+
+def color_question(color: str) -> str:
+    return f"Is there a {color} shape in the image?"
+
+
 def questions_for(scene: list[PlacedShape], rng: random.Random) -> list[tuple[str, str, str]]:
-    """All question kinds for a scene as (category, question, answer).
+    """The held-out questions of a scene, one per kind, as (category, question, answer).
 
     The two POPE-style kinds each give one yes and one no per scene: `exists` asks for a shape kind,
     `color_exists` for a shape of a colour.
@@ -157,18 +181,28 @@ def questions_for(scene: list[PlacedShape], rng: random.Random) -> list[tuple[st
     present_color = rng.choice(scene).color
     absent_color = rng.choice([c for c in COLORS if c not in {p.color for p in scene}])
     return [
-        ("color", f"What color is the {target.shape}?", target.color),
+        ("color", f"What color is the {target.shape} in the image?", target.color),
         ("count", "How many shapes are there in the image?", str(len(scene))),
-        ("exists", f"Is there a {present} in the image?", "yes"),
-        ("exists", f"Is there a {absent} in the image?", "no"),
-        ("position", f"Where is the {located.shape}?", located.position),
-        ("color_exists", f"Is there a {present_color} shape in the image?", "yes"),
-        ("color_exists", f"Is there a {absent_color} shape in the image?", "no"),
+        ("exists", shape_question(present), "yes"),
+        ("exists", shape_question(absent), "no"),
+        ("position", f"Where is the {located.shape} in the image?", located.position),
+        ("color_exists", color_question(present_color), "yes"),
+        ("color_exists", color_question(absent_color), "no"),
     ]
 
 
-def conversation_turns(qas: list[tuple[str, str, str]], rng: random.Random) -> list[tuple[str, str, str]]:
-    """Two or three question kinds for one conversation; a yes/no kind brings both its questions.
+def every_yes_no(scene: list[PlacedShape]) -> list[tuple[str, str, str]]:
+    """Both yes/no kinds asked for every shape kind and every colour (1-3 yes, the rest no)."""
+    shapes, colors = {p.shape for p in scene}, {p.color for p in scene}
+    return [("exists", shape_question(s), "yes" if s in shapes else "no") for s in SHAPES] + [
+        ("color_exists", color_question(c), "yes" if c in colors else "no") for c in COLORS
+    ]
+
+
+def conversation_turns(
+    qas: list[tuple[str, str, str]], rng: random.Random, kinds: tuple[int, int] = (5, 5)
+) -> list[tuple[str, str, str]]:
+    """Between kinds[0] and kinds[1] question kinds for one conversation, each with all its questions, shuffled.
 
     Asking "is there a red shape?" and "is there a blue shape?" about the same image, with opposite answers,
     is what teaches a model that the answer depends on the question and not only on the image.
@@ -176,10 +210,26 @@ def conversation_turns(qas: list[tuple[str, str, str]], rng: random.Random) -> l
     units: dict[str, list[tuple[str, str, str]]] = {}
     for qa in qas:
         units.setdefault(qa[0], []).append(qa)
-    chosen = rng.sample(sorted(units), rng.randint(2, 3))
+    chosen = rng.sample(sorted(units), min(len(units), rng.randint(*kinds)))
     turns = [qa for kind in chosen for qa in units[kind]]
     rng.shuffle(turns)
     return turns
+
+
+def training_conversation(scene: list[PlacedShape], rng: random.Random, options: ShapesOptions) -> list[dict[str, str]]:
+    """One LLaVA-Instruct-style multi-turn conversation about a scene (`<image>` in the first turn)."""
+    qas = questions_for(scene, rng)
+    if options.exhaustive_yes_no:
+        qas = [qa for qa in qas if qa[0] not in ("exists", "color_exists")] + every_yes_no(scene)
+    conv = []
+    for k, (_, q, a) in enumerate(conversation_turns(qas, rng, options.kinds_per_conversation)):
+        value = f"{q}\n{SHORT_ANSWER}" if k == 0 or options.suffix_every_turn else q
+        conv.append({"from": "human", "value": f"<image>\n{value}" if k == 0 else value})
+        conv.append({"from": "gpt", "value": a})
+    if rng.random() < options.caption_fraction:  # some conversations also ask for a description
+        conv.append({"from": "human", "value": rng.choice(CAPTION_PROMPTS)})
+        conv.append({"from": "gpt", "value": caption(scene)})
+    return conv
 
 
 def _save(img: Image.Image, folder: Path, rel: str) -> None:
@@ -224,16 +274,7 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
             )
             continue
         rel = f"images/it_{i:06d}.png"
-        scene = draw_scene(rel)
-        turns = conversation_turns(questions_for(scene, rng), rng)
-        conv = []
-        for k, (_, q, a) in enumerate(turns):
-            value = f"{q}\n{SHORT_ANSWER}"
-            conv.append({"from": "human", "value": f"<image>\n{value}" if k == 0 else value})
-            conv.append({"from": "gpt", "value": a})
-        if rng.random() < 0.2:  # some conversations also ask for a description
-            conv.append({"from": "human", "value": rng.choice(CAPTION_PROMPTS)})
-            conv.append({"from": "gpt", "value": caption(scene)})
+        conv = training_conversation(draw_scene(rel), rng, options)
         instruct.append({"id": f"it_{i:06d}", "image": rel, "conversations": conv})
 
     eval_lines = []

@@ -1,8 +1,9 @@
 """The whole chain through Dagster on a real (temporary) instance: the default data set, the tiny model.
 
 This is also the learning test: on the fixed seed of the embedded default the tiny model must answer the
-held-out colour and count questions far above chance (colour 1/5, count 1/3). The floors are conservative
-(see README for the measured figures); a broken image path, mask or converter drops accuracy to chance.
+held-out colour, count and colour yes/no questions far above chance (1/5, 1/3, 1/2). The floors are
+conservative (see README for the measured figures); a broken image path, mask or converter drops accuracy to
+chance.
 """
 
 from __future__ import annotations
@@ -90,11 +91,12 @@ def test_materialize_default_pipeline_learns(tmp_path):
     by = report["by_category"]
     questions = (tmp_path / "ws/data/raw/synthetic_shapes/eval_questions.jsonl").read_text().splitlines()
     assert report["num_questions"] == len(questions) == 7 * options["num_eval_images"]
-    # Floors on what the tiny model learns in this budget (README: measured figures). Shape yes/no questions
-    # ("is there a circle?") are not asserted: they stay near chance on this preset, see "Known limits".
+    # Floors on what the tiny model learns in this budget, well below what it reaches (README: the measured
+    # figures, and the study over seeds behind them: colour yes/no 1.0 in 7 of 7 runs). Shape yes/no questions
+    # ("is there a circle?") are not asserted: 1.0 here, but in 4 of those 7 runs only ("Known limits").
     assert by["color"]["accuracy"] >= 0.4, by  # chance 0.2
     assert by["count"]["accuracy"] >= 0.8, by  # chance 0.33
-    assert by["color_exists"]["accuracy"] >= 0.75, by  # balanced yes/no: chance 0.5
+    assert by["color_exists"]["accuracy"] >= 0.8, by  # balanced yes/no: chance 0.5
     assert 0.3 <= by["color_exists"]["yes_ratio"] <= 0.7, by  # not one answer for everything
     for kind in ("exists", "color_exists"):  # POPE metrics are computed over balanced yes/no questions
         assert by[kind]["n"] == 2 * options["num_eval_images"] and 0.0 <= by[kind]["yes_ratio"] <= 1.0
