@@ -53,12 +53,6 @@ class EncodedConversation:
     num_patches: int = 0
     answer_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each answer (+eos)
 
-    def _add(self, ids: list[int], loss: bool) -> tuple[int, int]:
-        start = len(self.input_ids)
-        self.input_ids.extend(ids)
-        self.loss_mask.extend([1 if loss else 0] * len(ids))
-        return start, len(self.input_ids)
-
 
 def check_style(style: str) -> None:
     if style not in PROMPT_STYLES:
@@ -160,8 +154,14 @@ def conversation_segments(conversations: list[dict], style: str, for_generation:
 def assemble(
     seg: Segments, token_ids: list[list[int]], bos: int, eos: int, num_patches: int, pad_id: int
 ) -> EncodedConversation:
-    """Join the segments with `token_ids` (one list per text segment, in order) into ids + loss mask."""
-    enc = EncodedConversation(num_patches=num_patches)
+    """Join the segments with `token_ids` (one list per text segment, in order) into ids + loss mask.
+
+    The HDF5 writer's inner loop (a dozen parts per conversation, every record): plain list operations.
+    """
+    ids_out: list[int] = []
+    mask: list[int] = []
+    spans: list[tuple[int, int]] = []
+    image_start = 0
     texts = iter(token_ids)
     span_start: int | None = None
     for kind, _text, loss in seg.parts:
@@ -172,15 +172,16 @@ def assemble(
         elif kind == EOS:
             ids = [eos]
         else:
-            enc.image_start = len(enc.input_ids)
+            image_start = len(ids_out)
             ids = [pad_id] * num_patches
         if loss and span_start is None:
-            span_start = len(enc.input_ids)
-        enc._add(ids, loss)
+            span_start = len(ids_out)
+        ids_out += ids
+        mask += [1 if loss else 0] * len(ids)
         if kind == EOS and span_start is not None:  # an answer ends with its </s>
-            enc.answer_spans.append((span_start, len(enc.input_ids)))
+            spans.append((span_start, len(ids_out)))
             span_start = None
-    return enc
+    return EncodedConversation(ids_out, mask, image_start, num_patches, spans)
 
 
 def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
