@@ -1,10 +1,11 @@
 """The whole tiny pipeline run directly, through Dagster and through DVC: overhead, re-runs, peak memory per stage.
 
-    python -m benchmarks.bench_pipeline [--quick] [--json PATH]
+    python -m benchmarks.bench_pipeline [--quick | --workspace default] [--json PATH]
 
-One reduced workspace recipe (the embedded synthetic source with a few hundred records, one short epoch per
-phase; `--quick`: a few dozen records, the download stage only), each way in its own fresh
-workspace and fresh processes, timed from outside as a user starts it:
+One workspace recipe: `make bench`'s reduced one (the embedded synthetic source with a few hundred records,
+one short epoch per phase), `--workspace default` the embedded default exactly as `make demo` runs it (about
+25 min: four whole pipelines), `--quick` a few dozen records and the download stage only. Each way runs in its
+own fresh workspace and fresh processes, timed from outside as a user starts it:
 - direct: the stage functions called in order in one process (`llava_core.pipeline.run_all`, what
   `llava-pipeline all` runs) - the baseline;
 - Dagster: the `llava_pipeline` job (`llava_data` with `--quick`) of the project's Definitions on a real
@@ -40,11 +41,12 @@ from benchmarks.common import (
     write_params,
 )
 
-FULL = {
+REDUCED = {
     "source": {"num_pretrain": 192, "num_instruct": 192, "num_eval_images": 8},
     "train": {p: {"epochs": 1, "global_batch_size": 16, "micro_batch_size": 16} for p in ("phase1", "phase2")},
 }
 QUICK = {"source": {"num_pretrain": 16, "num_instruct": 16, "num_eval_images": 2}, "train": {}}
+SIZES = {"reduced": REDUCED, "default": {"source": {}, "train": {}}, "quick": QUICK}  # default: params.yaml as is
 QUICK_GROUPS = ("download",)  # --quick: the first stage only (checks that every way runs; no figure to read)
 # what each stage's process imports before it does any work (its memory floor)
 FLOOR_MODULES = {
@@ -66,9 +68,8 @@ MAX_RERUN_S = 10.0
 MAX_OVERHEAD = 1.10
 
 
-def _params(root: str, quick: bool) -> dict:
-    sizes = QUICK if quick else FULL
-    return tiny_params(Path(root), sizes["source"], sizes["train"])
+def _params(root: str, size: str) -> dict:
+    return tiny_params(Path(root), SIZES[size]["source"], SIZES[size]["train"])
 
 
 def _stages(params: Path, quick: bool) -> list:
@@ -78,14 +79,14 @@ def _stages(params: Path, quick: bool) -> list:
     return [s for s in stages(load_config(params)) if not quick or s.group in QUICK_GROUPS]
 
 
-def _repo(repo: Path, quick: bool) -> Path:
+def _repo(repo: Path, size: str) -> Path:
     """A git + DVC repository holding the project's stages and a params.yaml for this workspace (root ".")."""
     repo.mkdir(parents=True)
     for name in ("llava_core", "configs"):
         shutil.copytree(PROJECT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(PROJECT / name, repo / name)
-    params = write_params(repo / "params.yaml", _params(".", quick))
+    params = write_params(repo / "params.yaml", _params(".", size))
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=repo, env=venv_env(), check=True, capture_output=True)
     return params
@@ -191,13 +192,15 @@ def _in_process(args: list[str], env: dict | None = None) -> dict:
         return {**json.loads(Path(f.name).read_text()), "seconds": r["seconds"]}
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, workspace: str = "reduced") -> dict:
+    size = "quick" if quick else workspace
     job = "llava_data" if quick else "llava_pipeline"
     q = ["--quick"] if quick else []
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         tmp = Path(tmp)
         # 1. direct: the stage functions in one process
-        direct_params = write_params(tmp / "direct/params.yaml", _params(".", quick))
+        direct_params = write_params(tmp / "direct/params.yaml", _params(".", size))
+        records = _records(direct_params)
         direct = _in_process(["direct", str(direct_params), *q])
         loops = {"direct": _loop_seconds(direct_params.parent)}
 
@@ -205,7 +208,7 @@ def run(quick: bool = False) -> dict:
         dagster = {}
         for executor in EXECUTORS:
             home = _dagster_home(tmp / f"dagster_home_{executor}")
-            params = _repo(tmp / f"dagster_repo_{executor}", quick)
+            params = _repo(tmp / f"dagster_repo_{executor}", size)
             env = venv_env(LLAVA_PARAMS=str(params), DAGSTER_HOME=str(home), LLAVA_EXECUTOR=executor)
             dagster[executor] = _in_process(["dagster", str(params), str(home), job, *q], env)
             loops[executor] = _loop_seconds(params.parent)
@@ -213,7 +216,7 @@ def run(quick: bool = False) -> dict:
                 dagster_again = _in_process(["dagster", str(params), str(home), job, "--stale-only", *q], env)
 
         # 4. dvc repro, each stage logging its time and peak memory (LLAVA_STAGE_LOG); again, nothing changed
-        dvc_params = _repo(tmp / "dvc_repo", quick)
+        dvc_params = _repo(tmp / "dvc_repo", size)
         log = tmp / "stages.jsonl"
         targets = [f"download@{s.args[0]}" for s in _stages(dvc_params, quick)] if quick else []
         dvc_cmd = [sys.executable, "-m", "dvc", "repro", *targets]
@@ -264,18 +267,19 @@ def run(quick: bool = False) -> dict:
                ("ours", "<", MAX_RERUN_S),
                note="nothing stale, no run" if not dagster_again["ran"] else f"ran {dagster_again['not_fresh']}"),
     ]  # fmt: skip
-    size = f"{_records(quick)} records, workspace {workspace_bytes / 2**20:.0f} MiB"
+    note = f"{records} records, workspace {workspace_bytes / 2**20:.0f} MiB"
     figures += [
         figure("memory", f"peak RSS: {r['stage']} (under dvc repro)", "MiB", r["peak_rss_mib"],
                round(floors[FLOOR_MODULES[_group(r["stage"])]], 1), "its import floor (a process importing its code)",
-               note=size)
+               note=note)
         for r in per_stage
     ]  # fmt: skip
     return {
         "figures": figures,
         "details": {
-            "workspace": _params(".", quick)["sources"]["synthetic_shapes"]["options"],
-            "train": (QUICK if quick else FULL)["train"],
+            "workspace": size,
+            "source": _params(".", size)["sources"]["synthetic_shapes"]["options"],
+            "train": _params(".", size)["train"],
             "workspace_bytes": workspace_bytes,
             "direct": direct,
             "dagster": dagster,
@@ -290,8 +294,11 @@ def run(quick: bool = False) -> dict:
     }
 
 
-def _records(quick: bool) -> str:
-    o = (QUICK if quick else FULL)["source"]
+def _records(params: Path) -> str:
+    """"<pretrain> + <instruct>": the synthetic source's records in the workspace of `params`."""
+    from llava_core.config import load_config
+
+    o = load_config(params).sources["synthetic_shapes"].options
     return f"{o['num_pretrain']} + {o['num_instruct']}"
 
 
@@ -309,7 +316,7 @@ def main() -> None:
         result = _direct(args[0], quick) if sys.argv[1] == "direct" else _dagster(*args, stale_only=stale, quick=quick)
         out.write_text(json.dumps(result, default=str))
         return
-    bench_main(run, __doc__)
+    bench_main(run, __doc__, workspace=("reduced", "default"))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import operator
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -148,6 +149,31 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_seconds() -> dict[str, float] | None:
+    """CPU seconds so far: `machine`, busy on all cores (/proc/stat: user, nice, system, irq, softirq and steal,
+    i.e. all but idle and iowait; guest time is inside user), and `ours`, this process and the children it has
+    waited for (with theirs). Their growth over a run gives the CPU that other work took; None off Linux."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return {
+        "machine": (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
+        "ours": sum(r.ru_utime + r.ru_stime for r in own),
+    }
+
+
+def other_work(start: dict | None, end: dict | None, seconds: float, cores: int | None) -> float | None:
+    """The share of the machine's CPU (0-1) that processes other than this run's took between two
+    `cpu_seconds()` readings `seconds` apart."""
+    if not start or not end or not cores or seconds <= 0:
+        return None
+    others = (end["machine"] - start["machine"]) - (end["ours"] - start["ours"])
+    return round(max(0.0, others) / (seconds * cores), 3)
+
+
 def venv_env(**extra: str) -> dict[str, str]:
     """The environment with this interpreter's scripts (llava-pipeline, dvc, accelerate) first on PATH."""
     bindir = str(Path(sys.executable).parent)
@@ -167,13 +193,18 @@ def check(result: dict, what: str) -> dict:
     return result
 
 
-def bench_main(run: Callable[..., dict], doc: str) -> None:
-    """The command line of one benchmark: `--quick`, `--json PATH` (what the harness reads); prints the rows."""
+def bench_main(run: Callable[..., dict], doc: str, workspace: tuple[str, ...] = ()) -> None:
+    """The command line of one benchmark: `--quick`, `--json PATH` (what the harness reads), and `--workspace`
+    (its first choice the default) where the benchmark offers sizes; prints the rows."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repetition (checks the benchmark runs)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures and details there")
+    if workspace:
+        ap.add_argument("--workspace", choices=workspace, default=workspace[0], help="the workspace's size")
     args = ap.parse_args()
-    result = run(quick=args.quick)
+    if workspace and args.quick and args.workspace != workspace[0]:
+        ap.error("--quick has its own sizes: give --quick or --workspace, not both")
+    result = run(quick=args.quick, **({"workspace": args.workspace} if workspace else {}))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -53,6 +53,47 @@ def test_gpu_rows_from_a_run_and_without_a_gpu(tmp_path, monkeypatch):
     assert all(row["ours"] is None and "not run" in row["note"] for row in none["figures"])
 
 
+def test_other_work_is_the_cpu_this_process_tree_did_not_use():
+    """The busy verdict counts other processes' CPU: a child burning CPU here is ours, not other work."""
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks import run_all
+
+    start, t0 = common.cpu_seconds(), time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1: pass"])
+    end, seconds = common.cpu_seconds(), time.perf_counter() - t0
+    assert end["ours"] - start["ours"] >= 1.0  # the child's second, counted once it was waited for
+    assert end["machine"] - start["machine"] >= 0.9  # /proc/stat saw it (jiffies: coarse)
+    share = common.other_work(start, end, seconds, 1)
+    assert share is not None and 0 <= share < 1
+    fake = {"machine": 0.0, "ours": 0.0}
+    assert common.other_work(fake, {"machine": 10.0, "ours": 2.0}, 4.0, 2) == 1.0  # 8 s others / (4 s x 2)
+    assert common.other_work(fake, {"machine": 2.0, "ours": 2.0}, 4.0, 2) == 0.0
+    assert run_all.busy(0.5).startswith("busy: other work took 50%")
+    assert run_all.busy(0.01).startswith("quiet")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--workspace", "default"], "--workspace default sizes only ['pipeline']: give --only pipeline"),
+        (["--only", "pipeline", "--workspace", "default", "--quick"], "without --quick"),
+        (["--only", "pipline"], "unknown benchmark(s) ['pipline']"),
+        (["--only", "pipeline", "--workspace", "huge"], "invalid choice: 'huge'"),
+    ],
+)
+def test_harness_refuses_what_it_cannot_size(argv, message, capsys):
+    """The default workspace (make demo's, about 25 min) sizes only the pipeline benchmark; a mistyped name or
+    size is an error naming the valid ones, before anything runs."""
+    from benchmarks import run_all
+
+    with pytest.raises(SystemExit) as e:
+        run_all.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.e2e
 def test_make_bench_quick_measures_every_benchmark(tmp_path):
     """`python -m benchmarks --quick`: every benchmark runs (real Dagster, DVC, training) and each row's ratio and
@@ -81,6 +122,7 @@ def test_make_bench_quick_measures_every_benchmark(tmp_path):
     m = result["machine"]
     assert m["cores"] >= 1 and m["cpu"] and m["python"] and m["torch"] and m["date"]
     assert len(m["load_average_start"]) == len(m["load_average_end"]) == 3
+    assert 0 <= m["other_work_cpu_share"] <= 1 and m["load"].startswith(("quiet", "busy"))
     assert set(result["seconds_by_benchmark"]) == set(run_all.BENCHMARKS)
     table = (tmp_path / "results_quick.md").read_text().splitlines()
     assert "| benchmark | figure | ours | baseline | ratio | target | met |" in table
