@@ -12,10 +12,11 @@ import json
 import operator
 import os
 import platform
-import resource
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,29 +150,80 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_seconds() -> dict[str, float] | None:
-    """CPU seconds so far: `machine`, busy on all cores (/proc/stat: user, nice, system, irq, softirq and steal,
-    i.e. all but idle and iowait; guest time is inside user), and `ours`, this process and the children it has
-    waited for (with theirs). Their growth over a run gives the CPU that other work took; None off Linux."""
-    try:
-        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    except (OSError, ValueError, IndexError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = v
-    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return {
-        "machine": (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
-        "ours": sum(r.ru_utime + r.ru_stime for r in own),
-    }
+class OtherWork:
+    """The CPU that processes other than this run's took while it ran, as a share of the machine (0-1).
 
+    Every process this run starts inherits `LLAVA_BENCH_RUN=<token>` in its environment, orphans and daemons
+    too (a Dagster forkserver, DVC's helpers), which no wait() accounts for. A thread reads /proc every second:
+    each process without the token adds the CPU time it used since it was last seen (a process born during the
+    run all of its CPU time). Processes of others that live less than a second are missed; None off Linux."""
 
-def other_work(start: dict | None, end: dict | None, seconds: float, cores: int | None) -> float | None:
-    """The share of the machine's CPU (0-1) that processes other than this run's took between two
-    `cpu_seconds()` readings `seconds` apart."""
-    if not start or not end or not cores or seconds <= 0:
-        return None
-    others = (end["machine"] - start["machine"]) - (end["ours"] - start["ours"])
-    return round(max(0.0, others) / (seconds * cores), 3)
+    VAR = "LLAVA_BENCH_RUN"
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.token = uuid.uuid4().hex
+        self.interval = interval
+        self.seen: dict[tuple[int, int], float] = {}  # (pid, start tick) -> CPU seconds when last read
+        self.others = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="other-work", daemon=True)
+        self.available = Path("/proc/self/stat").is_file()
+
+    def __enter__(self) -> OtherWork:
+        os.environ[self.VAR] = self.token
+        self._t0 = time.perf_counter()
+        if self.available:
+            self._start_ticks = self._uptime_ticks()
+            self._read(first=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self._read()
+        os.environ.pop(self.VAR, None)
+
+    def share(self, cores: int | None) -> float | None:
+        if not self.available or not cores or self.seconds <= 0:
+            return None
+        return round(min(1.0, self.others / (self.seconds * cores)), 3)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._read()
+
+    @staticmethod
+    def _uptime_ticks() -> float:
+        return float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK")
+
+    def _read(self, first: bool = False) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        marker = f"{self.VAR}={self.token}".encode()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                cpu, started = (int(fields[11]) + int(fields[12])) / tick, int(fields[19])
+                key = (int(entry.name), started)
+                if key not in self.seen:
+                    # this process's own environ is as it started: it is ours by its pid
+                    ours = key[0] == os.getpid() or marker in Path(entry.path, "environ").read_bytes()
+                    if ours:
+                        self.seen[key] = -1.0
+                        continue
+                    # already running when we started: count from now; born since: all of it
+                    before = cpu if first or started < self._start_ticks else 0.0
+                    self.seen[key] = before
+                if self.seen[key] < 0:  # one of ours
+                    continue
+                self.others += cpu - self.seen[key]
+                self.seen[key] = cpu
+            except (OSError, IndexError, ValueError):  # gone meanwhile, or a kernel thread without environ
+                continue
 
 
 def venv_env(**extra: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PROJECT, cpu_seconds, figure, load_average, machine, other_work, venv_env
+from benchmarks.common import PROJECT, OtherWork, figure, load_average, machine, venv_env
 
 BENCHMARKS = {  # name -> module; run in this order
     "hdf5": "benchmarks.bench_hdf5",
@@ -118,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--workspace {args.workspace} sizes only {list(WORKSPACE_SIZED)}: give --only "
                  f"{','.join(WORKSPACE_SIZED)}, without --quick")
     info = {**machine(), "load_average_start": load_average()}
-    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    t0 = time.perf_counter()
     figures, details, seconds = [], {}, {}
-    for name in names:
-        print(f"==> {name}", flush=True)
-        r, seconds[name] = run_one(name, args.quick, args.workspace)
-        figures += r["figures"]
-        details[name] = r["details"]
-        print(f"    {seconds[name]:.0f} s", flush=True)
+    with OtherWork() as other:
+        for name in names:
+            print(f"==> {name}", flush=True)
+            r, seconds[name] = run_one(name, args.quick, args.workspace)
+            figures += r["figures"]
+            details[name] = r["details"]
+            print(f"    {seconds[name]:.0f} s", flush=True)
     info["load_average_end"] = load_average()
-    info["other_work_cpu_share"] = other_work(cpu0, cpu_seconds(), time.perf_counter() - t0, info["cores"])
+    info["other_work_cpu_share"] = other.share(info["cores"])
     info["load"] = busy(info["other_work_cpu_share"])
     result = {
         "command": _command(args, names),

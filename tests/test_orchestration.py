@@ -66,10 +66,17 @@ def test_resources_follow_the_environment(monkeypatch):
     assert build_definitions().executor == dg.in_process_executor
     monkeypatch.setenv("LLAVA_EXECUTOR", "threads")
     with pytest.raises(
-        ValueError, match=r"LLAVA_EXECUTOR='threads': unknown executor; valid: \['in_process', 'multiprocess'\]"
+        ValueError,
+        match=r"LLAVA_EXECUTOR='threads': unknown executor; valid: \['in_process', 'multiprocess', 'multiprocess_spawn'\]",
     ):
         build_definitions()
     monkeypatch.delenv("LLAVA_EXECUTOR")
+    # the default: a process per step, forked from a server that imported the stages' libraries once per run
+    executor = build_definitions().executor
+    assert executor.name == "multiprocess_forkserver"
+    from dagster._core.definitions.executor_definition import ExecutorDefinition
+
+    assert isinstance(executor, ExecutorDefinition)
     monkeypatch.setenv("LLAVA_ENV", "cloud")
     with pytest.raises(ValueError, match=r"LLAVA_ENV='cloud': unknown environment; valid: \['local', 's3'\]"):
         build_definitions()
