@@ -11,7 +11,7 @@ own fresh workspace and fresh processes, timed from outside as a user starts it:
 - Dagster: the `llava_pipeline` job (`llava_data` with `--quick`) of the project's Definitions on a real
   instance (DAGSTER_HOME with the project's dagster.yaml), in a git + DVC repository as the project is (every
   asset also records itself in dvc.lock), once with each executor: `multiprocess` (the default: a process per
-  step) and `in_process` (`LLAVA_EXECUTOR=in_process`);
+  step, forked from a server holding the stages' imports) and `in_process` (`LLAVA_EXECUTOR=in_process`);
 - `dvc repro` in another git + DVC repository holding the project's stages; each stage (`llava-pipeline
   <stage>`, its own process) logs its time and peak RSS through LLAVA_STAGE_LOG (the largest of the process
   and the processes it waited for: the training process for `train`). Those are the memory figures, each
@@ -61,7 +61,7 @@ FLOOR_MODULES = {
 }
 EXECUTORS = ("multiprocess", "in_process")  # the code location's default first (LLAVA_EXECUTOR)
 EXECUTOR_NOTE = {
-    "multiprocess": "a process per step: each loads the code location and imports its stage's libraries",
+    "multiprocess": "a process per step, forked from a server that imported the stages' libraries once per run",
     "in_process": "every step in the run's process (LLAVA_EXECUTOR=in_process)",
 }
 MAX_RERUN_S = 10.0
