@@ -32,6 +32,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     PROJECT,
+    WORKSPACES,
     bench_main,
     check,
     figure,
@@ -192,15 +193,15 @@ def _in_process(args: list[str], env: dict | None = None) -> dict:
         return {**json.loads(Path(f.name).read_text()), "seconds": r["seconds"]}
 
 
-def run(quick: bool = False, workspace: str = "reduced") -> dict:
+def run(quick: bool = False, workspace: str = WORKSPACES[0]) -> dict:
     size = "quick" if quick else workspace
     job = "llava_data" if quick else "llava_pipeline"
     q = ["--quick"] if quick else []
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         tmp = Path(tmp)
         # 1. direct: the stage functions in one process
-        direct_params = write_params(tmp / "direct/params.yaml", _params(".", size))
-        records = _records(direct_params)
+        params_dict = _params(".", size)
+        direct_params = write_params(tmp / "direct/params.yaml", params_dict)
         direct = _in_process(["direct", str(direct_params), *q])
         loops = {"direct": _loop_seconds(direct_params.parent)}
 
@@ -267,7 +268,8 @@ def run(quick: bool = False, workspace: str = "reduced") -> dict:
                ("ours", "<", MAX_RERUN_S),
                note="nothing stale, no run" if not dagster_again["ran"] else f"ran {dagster_again['not_fresh']}"),
     ]  # fmt: skip
-    note = f"{records} records, workspace {workspace_bytes / 2**20:.0f} MiB"
+    source = params_dict["sources"]["synthetic_shapes"]["options"]
+    note = f"{source['num_pretrain']} + {source['num_instruct']} records, workspace {workspace_bytes / 2**20:.0f} MiB"
     figures += [
         figure("memory", f"peak RSS: {r['stage']} (under dvc repro)", "MiB", r["peak_rss_mib"],
                round(floors[FLOOR_MODULES[_group(r["stage"])]], 1), "its import floor (a process importing its code)",
@@ -278,8 +280,8 @@ def run(quick: bool = False, workspace: str = "reduced") -> dict:
         "figures": figures,
         "details": {
             "workspace": size,
-            "source": _params(".", size)["sources"]["synthetic_shapes"]["options"],
-            "train": _params(".", size)["train"],
+            "source": source,
+            "train": params_dict["train"],
             "workspace_bytes": workspace_bytes,
             "direct": direct,
             "dagster": dagster,
@@ -292,14 +294,6 @@ def run(quick: bool = False, workspace: str = "reduced") -> dict:
             "training_loop_s": loops,
         },
     }
-
-
-def _records(params: Path) -> str:
-    """"<pretrain> + <instruct>": the synthetic source's records in the workspace of `params`."""
-    from llava_core.config import load_config
-
-    o = load_config(params).sources["synthetic_shapes"].options
-    return f"{o['num_pretrain']} + {o['num_instruct']}"
 
 
 def _group(stage: str) -> str:
@@ -316,7 +310,7 @@ def main() -> None:
         result = _direct(args[0], quick) if sys.argv[1] == "direct" else _dagster(*args, stale_only=stale, quick=quick)
         out.write_text(json.dumps(result, default=str))
         return
-    bench_main(run, __doc__, workspace=("reduced", "default"))
+    bench_main(run, __doc__, workspace=WORKSPACES)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,10 @@ def machine() -> dict:
     }
 
 
+# the workspaces a benchmark that offers sizes runs on: make bench's reduced one (first: the default), make demo's
+WORKSPACES = ("reduced", "default")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import PROJECT, OtherWork, figure, load_average, machine, venv_env
+from benchmarks.common import PROJECT, WORKSPACES, OtherWork, figure, load_average, machine, venv_env
 
 BENCHMARKS = {  # name -> module; run in this order
     "hdf5": "benchmarks.bench_hdf5",
@@ -35,12 +35,12 @@ RESULTS = PROJECT / "benchmarks" / "results"
 WORKSPACE_SIZED = ("pipeline",)  # the benchmarks that take --workspace
 
 
-def run_one(name: str, quick: bool, workspace: str = "reduced") -> tuple[dict, float]:
+def run_one(name: str, quick: bool, workspace: str = WORKSPACES[0]) -> tuple[dict, float]:
     """One benchmark's {"figures", "details"} (a failed one: a row saying so) and its wall seconds."""
     with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", BENCHMARKS[name], "--json", str(out), *(["--quick"] if quick else [])]
-        if workspace != "reduced":
+        if workspace != WORKSPACES[0]:
             cmd += ["--workspace", workspace]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=PROJECT, env=venv_env(), capture_output=True, text=True)
@@ -95,11 +95,11 @@ def _num(x: float) -> str:
 
 def _command(args: argparse.Namespace, names: list[str]) -> str:
     """The command line that made these results, as the results table quotes it."""
-    if not args.quick and args.workspace == "reduced" and names == list(BENCHMARKS):
+    if not args.quick and args.workspace == WORKSPACES[0] and names == list(BENCHMARKS):
         return "make bench"
     return " ".join(["python -m benchmarks", *(["--quick"] if args.quick else []),
                      *([f"--only {','.join(names)}"] if names != list(BENCHMARKS) else []),
-                     *([f"--workspace {args.workspace}"] if args.workspace != "reduced" else [])])  # fmt: skip
+                     *([f"--workspace {args.workspace}"] if args.workspace != WORKSPACES[0] else [])])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repetition: checks that all runs")
     ap.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {list(BENCHMARKS)}")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
-    ap.add_argument("--workspace", choices=("reduced", "default"), default="reduced",
+    ap.add_argument("--workspace", choices=WORKSPACES, default=WORKSPACES[0],
                     help="the pipeline benchmark's workspace: make bench's reduced one, or make demo's (about 25 min)")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; valid: {list(BENCHMARKS)}")
-    if args.workspace != "reduced" and (args.quick or set(names) - set(WORKSPACE_SIZED)):
+    if args.workspace != WORKSPACES[0] and (args.quick or set(names) - set(WORKSPACE_SIZED)):
         ap.error(f"--workspace {args.workspace} sizes only {list(WORKSPACE_SIZED)}: give --only "
                  f"{','.join(WORKSPACE_SIZED)}, without --quick")
     info = {**machine(), "load_average_start": load_average()}
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": figures,
         "details": details,
     }
-    stem = "results_quick" if args.quick else ("results" if args.workspace == "reduced" else f"results_{args.workspace}_workspace")
+    stem = "results_quick" if args.quick else ("results" if args.workspace == WORKSPACES[0] else f"results_{args.workspace}_workspace")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result))
