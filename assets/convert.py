@@ -1,47 +1,41 @@
 """Stage 2 assets: one `jsonl_<dataset>` asset per configured conversion, its report as metadata."""
 
-from __future__ import annotations
-
 import dagster as dg
 
-from assets.download import raw_key
-from assets.resources import PipelineSettings
-from assets.versioning import versioned
 from llava_core.config import PipelineConfig
-from llava_core.convert import convert
+from llava_core.data.convert import convert
+from llava_core.pipeline import asset_inputs, stage
 
-
-def jsonl_key(dataset: str) -> dg.AssetKey:
-    return dg.AssetKey(f"jsonl_{dataset}")
+STAGE = stage("convert")
 
 
 def build_convert_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
     def make(dataset: str) -> dg.AssetsDefinition:
-        ds = cfg.datasets[dataset]
+        ds, name = cfg.datasets[dataset], STAGE.asset_name(dataset)
 
         @dg.asset(
-            key=jsonl_key(dataset),
-            deps=[raw_key(ds.source)],
+            key=name,
+            deps=asset_inputs(cfg, STAGE, dataset),
             group_name="convert",
             kinds={"python"},
+            required_resource_keys={"settings"},
             description=f"`{ds.file}` of `{ds.source}` through converter `{ds.converter}` -> "
             f"data/jsonl/{dataset}.jsonl ({ds.phase}).",
         )
-        @versioned(jsonl_key(dataset))
-        def _jsonl(settings: PipelineSettings) -> dg.MaterializeResult:
+        def _jsonl(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            settings = context.resources.settings
             r = convert(settings.load(), dataset)
-            return dg.MaterializeResult(
-                metadata={
-                    "path": dg.MetadataValue.path(str(r.path)),
-                    "report": dg.MetadataValue.path(str(r.report_path)),
-                    "converter": ds.converter,
-                    "read": r.read,
-                    "written": r.written,
-                    "dropped": sum(r.dropped.values()),
-                    "dropped_by_reason": dg.MetadataValue.json(r.dropped),
-                }
-            )
+            metadata = {
+                "path": dg.MetadataValue.path(str(r.path)),
+                "report": dg.MetadataValue.path(str(r.report_path)),
+                "converter": ds.converter,
+                "read": r.read,
+                "written": r.written,
+                "dropped": sum(r.dropped.values()),
+                "dropped_by_reason": dg.MetadataValue.json(r.dropped),
+            }
+            return settings.record_version(name, dg.MaterializeResult(metadata=metadata))
 
         return _jsonl
 
-    return [make(d) for d in cfg.datasets]
+    return [make(d) for d in STAGE.keys(cfg)]

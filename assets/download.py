@@ -1,16 +1,14 @@
 """Stage 1 assets: one `raw_<source>` asset per source declared in params.yaml."""
 
-from __future__ import annotations
-
 import dagster as dg
 
-from assets.resources import PipelineSettings
-from assets.versioning import versioned
 from llava_core.config import PipelineConfig
-from llava_core.sources import download
+from llava_core.data.sources import download
+from llava_core.pipeline import asset_inputs, stage
 
 # Transfers fail for passing reasons (a dropped connection, a throttled endpoint): retry with backoff.
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+STAGE = stage("download")
 
 
 class DownloadConfig(dg.Config):
@@ -20,33 +18,36 @@ class DownloadConfig(dg.Config):
 
 
 def raw_key(source: str) -> dg.AssetKey:
-    return dg.AssetKey(f"raw_{source}")
+    return dg.AssetKey(STAGE.asset_name(source))
 
 
 def build_download_assets(
     cfg: PipelineConfig, retry_policy: dg.RetryPolicy = TRANSIENT_RETRY
 ) -> list[dg.AssetsDefinition]:
     def make(source: str) -> dg.AssetsDefinition:
+        name = STAGE.asset_name(source)
+
         @dg.asset(
-            key=raw_key(source),
+            key=name,
+            deps=asset_inputs(cfg, STAGE, source),
             group_name="download",
             kinds={"python"},
             retry_policy=retry_policy,
+            required_resource_keys={"settings"},
             description=f"Source `{source}` ({cfg.sources[source].kind}) in data/raw/{source}/ with its manifest.",
         )
-        @versioned(raw_key(source))
-        def _raw(config: DownloadConfig, settings: PipelineSettings) -> dg.MaterializeResult:
+        def _raw(context: dg.AssetExecutionContext, config: DownloadConfig) -> dg.MaterializeResult:
+            settings = context.resources.settings
             r = download(settings.load(), source, refetch=config.refetch)
-            return dg.MaterializeResult(
-                metadata={
-                    "path": dg.MetadataValue.path(str(r.path)),
-                    "kind": cfg.sources[source].kind,
-                    "files": r.files,
-                    "bytes": r.bytes,
-                    "skipped_unchanged": r.skipped,
-                }
-            )
+            metadata = {
+                "path": dg.MetadataValue.path(str(r.path)),
+                "kind": cfg.sources[source].kind,
+                "files": r.files,
+                "bytes": r.bytes,
+                "skipped_unchanged": r.skipped,
+            }
+            return settings.record_version(name, dg.MaterializeResult(metadata=metadata))
 
         return _raw
 
-    return [make(s) for s in cfg.sources]
+    return [make(s) for s in STAGE.keys(cfg)]

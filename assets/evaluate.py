@@ -1,32 +1,31 @@
 """Stage 5b asset: `eval_report` (reports/eval.json), with a metrics table per task as metadata."""
 
-from __future__ import annotations
-
 import dagster as dg
 
-from assets.download import raw_key
-from assets.resources import PipelineSettings
-from assets.versioning import versioned
 from llava_core.config import PipelineConfig
+from llava_core.pipeline import asset_inputs, stage
+
+STAGE = stage("evaluate")
 
 
 def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
-    eval_source = cfg.eval.questions.split("/")[0]
-    deps = [dg.AssetKey("hf_model")] + ([raw_key(eval_source)] if eval_source in cfg.sources else [])
+    name = STAGE.asset_name(None)
 
     @dg.asset(
-        key=dg.AssetKey("eval_report"),
-        deps=deps,
+        key=name,
+        deps=asset_inputs(cfg, STAGE, None),
         group_name="export",
         kinds={"json"},
+        required_resource_keys={"settings"},
         description="Greedy answers on the held-out questions, scored per category: reports/eval.json.",
     )
-    @versioned(dg.AssetKey("eval_report"))
-    def eval_report(settings: PipelineSettings) -> dg.MaterializeResult:
-        from llava_core.evaluate import evaluate  # torch: imported by this step only (assets/__init__)
+    def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from llava_core.evaluation.evaluate import evaluate  # torch: imported by this step only (assets/__init__)
 
+        settings = context.resources.settings
         r = evaluate(settings.load())
-        return dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))
+        result = dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))
+        return settings.record_version(name, result)
 
     return [eval_report]
 

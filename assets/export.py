@@ -1,7 +1,5 @@
-"""Stage 5a assets: the phase-2 checkpoint converted to Hugging Face (`hf_model`) and to the original LLaVA layout
+"""Stage 5a assets: the final checkpoint converted to Hugging Face (`hf_model`) and to the original LLaVA layout
 (`llava_model`), and, when params.yaml has a `publish` section, their upload to S3 (`published_model`)."""
-
-from __future__ import annotations
 
 import json
 from pathlib import Path
@@ -9,15 +7,17 @@ from pathlib import Path
 import dagster as dg
 
 from assets.download import TRANSIENT_RETRY
-from assets.resources import PipelineSettings, S3Resource
-from assets.train import checkpoint_key
-from assets.versioning import versioned
+from llava_core.artifacts import TRAIN_SUMMARY
 from llava_core.config import PipelineConfig
+from llava_core.phases import FINAL_PHASE
+from llava_core.pipeline import asset_inputs, stage
+
+HF, LLAVA = stage("export_hf"), stage("export_llava")
 
 
 def training_metrics(checkpoint: Path) -> dict:
     """The metrics of the checkpoint a model was exported from (its train_summary.json), as metadata."""
-    path = checkpoint / "train_summary.json"
+    path = checkpoint / TRAIN_SUMMARY
     if not path.is_file():
         return {}
     s = json.loads(path.read_text())
@@ -29,54 +29,54 @@ def build_export_assets(
     cfg: PipelineConfig, retry_policy: dg.RetryPolicy = TRANSIENT_RETRY
 ) -> list[dg.AssetsDefinition]:
     @dg.asset(
-        key=dg.AssetKey("hf_model"),
-        deps=[checkpoint_key("phase2")],
+        key=HF.asset_name(None),
+        deps=asset_inputs(cfg, HF, None),
         group_name="export",
         kinds={"huggingface"},
+        required_resource_keys={"settings"},
         description="LlavaForConditionalGeneration + processor in models/hf/.",
     )
-    @versioned(dg.AssetKey("hf_model"))
-    def hf_model(settings: PipelineSettings) -> dg.MaterializeResult:
+    def hf_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         # torch: imported by the step that needs it, not by every process that loads the code location (assets/__init__)
-        from llava_core.checkpoint import export_hf
+        from llava_core.model.hf import export_hf
 
+        settings = context.resources.settings
         c = settings.load()
         r = export_hf(c)
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(r.path)),
-                "parameters": r.parameters,
-                "image_token_id": r.image_token_id,
-                **training_metrics(c.checkpoint_dir("phase2")),
-            }
-        )
+        metadata = {
+            "path": dg.MetadataValue.path(str(r.path)),
+            "parameters": r.parameters,
+            "image_token_id": r.image_token_id,
+            **training_metrics(c.checkpoint_dir(FINAL_PHASE)),
+        }
+        return settings.record_version(HF.asset_name(None), dg.MaterializeResult(metadata=metadata))
 
     @dg.asset(
-        key=dg.AssetKey("llava_model"),
-        deps=[checkpoint_key("phase2")],
+        key=LLAVA.asset_name(None),
+        deps=asset_inputs(cfg, LLAVA, None),
         group_name="export",
         kinds={"pytorch"},
+        required_resource_keys={"settings"},
         description="The original LLaVA repository layout in models/llava/ (image_model/ + text_model_llava/).",
     )
-    @versioned(dg.AssetKey("llava_model"))
-    def llava_model(settings: PipelineSettings) -> dg.MaterializeResult:
-        from llava_core.checkpoint import export_llava
+    def llava_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from llava_core.model.original import export_llava
 
+        settings = context.resources.settings
         c = settings.load()
         r = export_llava(c)
-        return dg.MaterializeResult(
-            metadata={
-                "path": dg.MetadataValue.path(str(r.path)),
-                "parameters": r.parameters,
-                "model_path": dg.MetadataValue.path(str(r.text_model)),
-                "vision_tower": dg.MetadataValue.path(str(r.image_model)),
-                **training_metrics(c.checkpoint_dir("phase2")),
-            }
-        )
+        metadata = {
+            "path": dg.MetadataValue.path(str(r.path)),
+            "parameters": r.parameters,
+            "model_path": dg.MetadataValue.path(str(r.text_model)),
+            "vision_tower": dg.MetadataValue.path(str(r.image_model)),
+            **training_metrics(c.checkpoint_dir(FINAL_PHASE)),
+        }
+        return settings.record_version(LLAVA.asset_name(None), dg.MaterializeResult(metadata=metadata))
 
     out = [hf_model, llava_model]
     if cfg.publish is not None:
-        keys = {"hf": "hf_model", "llava": "llava_model"}
+        keys = {"hf": HF.asset_name(None), "llava": LLAVA.asset_name(None)}
 
         @dg.asset(
             key=dg.AssetKey("published_model"),
@@ -84,13 +84,14 @@ def build_export_assets(
             group_name="export",
             kinds={"s3"},
             retry_policy=retry_policy,
+            required_resource_keys={"settings", "s3"},
             description=f"models/{{{','.join(cfg.publish.models)}}} uploaded to s3://{cfg.publish.bucket}/.",
         )
-        def published_model(settings: PipelineSettings, s3: S3Resource) -> dg.MaterializeResult:
-            from llava_core.publish import publish
+        def published_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            from llava_core.model.publish import publish
 
-            c = settings.load()
-            r = publish(c, client=s3.client(c.publish.endpoint_url, c.publish.region))
+            c = context.resources.settings.load()
+            r = publish(c, client=context.resources.s3.client(c.publish.endpoint_url, c.publish.region))
             return dg.MaterializeResult(
                 metadata={
                     "uris": dg.MetadataValue.md("\n".join(f"- {u}" for u in r.uris)),

@@ -7,47 +7,45 @@ process, never in the asset. The assets run in the concurrency pool `gpu` (set i
 training jobs the machine can hold, e.g. `dagster instance concurrency set gpu 1`).
 """
 
-from __future__ import annotations
-
 import dagster as dg
 
-from assets.hdf5 import hdf5_key
-from assets.resources import PipelineSettings
-from assets.versioning import versioned
-from llava_core.config import PHASES
-from llava_core.launch import finished, launch_command, launch_env, previous_phase
+from llava_core.config import PipelineConfig
+from llava_core.pipeline import asset_inputs, stage
+from llava_core.training.launch import finished, launch_command, launch_env
 
 TRAIN_POOL = "gpu"
+STAGE = stage("train")
 
 
 def checkpoint_key(phase: str) -> dg.AssetKey:
-    return dg.AssetKey(f"checkpoint_{phase}")
+    return dg.AssetKey(STAGE.asset_name(phase))
 
 
-def build_train_assets() -> list[dg.AssetsDefinition]:
+def build_train_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
     def make(phase: str) -> dg.AssetsDefinition:
-        prev = previous_phase(phase)
-        deps = [hdf5_key(phase)] + ([checkpoint_key(prev)] if prev else [])
+        name = STAGE.asset_name(phase)
 
         @dg.asset(
-            key=checkpoint_key(phase),
-            deps=deps,
+            key=name,
+            deps=asset_inputs(cfg, STAGE, phase),
             group_name="train",
             kinds={"pytorch"},
             pool=TRAIN_POOL,
+            required_resource_keys={"settings"},
             description=f"Trained {phase} checkpoint in checkpoints/{phase}/ (resumes a killed run of the same config).",
         )
-        @versioned(checkpoint_key(phase))
-        def _ckpt(context, settings: PipelineSettings) -> dg.MaterializeResult:  # context: AssetExecutionContext
-            cfg = settings.load()
+        def _ckpt(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            settings = context.resources.settings
+            c = settings.load()
             invocation = dg.PipesSubprocessClient().run(
-                context=context, command=launch_command(cfg, phase), env=launch_env()
+                context=context, command=launch_command(c, phase), env=launch_env()
             )
             custom = invocation.get_custom_messages()
-            finished(cfg, phase)  # the summary must be there (a complete checkpoint); removes the launch spec
+            finished(c, phase)  # the summary must be there (a complete checkpoint); removes the launch spec
             reported = invocation.get_materialize_result()  # what the training process reported through Pipes
-            return dg.MaterializeResult(metadata={**reported.metadata, "pipes_metrics_records": len(custom)})
+            result = dg.MaterializeResult(metadata={**reported.metadata, "pipes_metrics_records": len(custom)})
+            return settings.record_version(name, result)
 
         return _ckpt
 
-    return [make(p) for p in PHASES]
+    return [make(p) for p in STAGE.keys(cfg)]

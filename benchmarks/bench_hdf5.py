@@ -49,13 +49,13 @@ def cores(n: int | None):
 
 
 def run(quick: bool = False) -> dict:
-    from llava_core.config import load_config
-    from llava_core.convert import convert
-    from llava_core.hdf5 import build_hdf5
-    from llava_core.images import ImageChecker
-    from llava_core.prompts import conversation_segments
-    from llava_core.sources import download
-    from llava_core.tokenizer import load_tokenizer
+    from llava_core.data.convert import convert
+    from llava_core.data.hdf5_writer import build_hdf5
+    from llava_core.data.images import ImageChecker
+    from llava_core.data.prompts import conversation_segments
+    from llava_core.data.sources import download
+    from llava_core.data.tokenizer import load_tokenizer
+    from llava_core.params import load_config
 
     n = 1000 if quick else 16000
     repeats = 1 if quick else 3

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_loader [--quick] [--json PATH]
 
-Both sides are the training process's own objects (`llava_core.train.Recipe` on phase 2 of the tiny preset,
+Both sides are the training process's own objects (`llava_core.training.recipe.Recipe` on phase 2 of the tiny preset,
 its batch size and its `num_workers`): the loader is `Recipe._loader` over one epoch's batches
 (`LlavaHdf5Dataset`: HDF5 rows, image decode, the CLIP "pad" transform; `collate_trimmed`), timed alone; the
 step is `Recipe._loss_step` + backward + clipping + AdamW + scheduler on batches already in memory. A ratio
@@ -23,7 +23,7 @@ def run(quick: bool = False) -> dict:
     import torch
 
     from benchmarks.bench_train import _prepare
-    from llava_core.train import Recipe
+    from llava_core.training.recipe import Recipe
 
     records, steps, repeats = (64, 1, 1) if quick else (768, 8, 3)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:

@@ -51,14 +51,14 @@ SIZES = {"reduced": REDUCED, "default": {"source": {}, "train": {}}, "quick": QU
 QUICK_GROUPS = ("download",)  # --quick: the first stage only (checks that every way runs; no figure to read)
 # what each stage's process imports before it does any work (its memory floor)
 FLOOR_MODULES = {
-    "download": "llava_core.sources",
-    "convert": "llava_core.convert",
-    "hdf5": "llava_core.hdf5, llava_core.tokenizer",
-    "validate": "llava_core.validate",
-    "train": "llava_core.train",
-    "export": "llava_core.checkpoint",
-    "export_llava": "llava_core.checkpoint",
-    "eval": "llava_core.evaluate",
+    "download": "llava_core.data.sources",
+    "convert": "llava_core.data.convert",
+    "hdf5": "llava_core.data.hdf5_writer, llava_core.data.tokenizer",
+    "validate": "llava_core.data.validate",
+    "train": "llava_core.training.recipe",
+    "export": "llava_core.model.formats",
+    "export_llava": "llava_core.model.formats",
+    "eval": "llava_core.evaluation.evaluate",
 }
 EXECUTORS = ("multiprocess", "in_process")  # the code location's default first (LLAVA_EXECUTOR)
 EXECUTOR_NOTE = {
@@ -74,7 +74,7 @@ def _params(root: str, size: str) -> dict:
 
 
 def _stages(params: Path, quick: bool) -> list:
-    from llava_core.config import load_config
+    from llava_core.params import load_config
     from llava_core.pipeline import stages
 
     return [s for s in stages(load_config(params)) if not quick or s.group in QUICK_GROUPS]
@@ -117,7 +117,7 @@ def _du(path: Path) -> int:
 # --- the ways, each in its own process ----------------------------------------------------------------------
 def _direct(params: str, quick: bool) -> dict:
     """In a fresh process: the stage functions in order (run_all, or its data stages with --quick)."""
-    from llava_core.config import load_config
+    from llava_core.params import load_config
     from llava_core.pipeline import run_all
 
     cfg = load_config(params)

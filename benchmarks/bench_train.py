@@ -36,9 +36,10 @@ def _workspace(root: Path, records: int, micro: int, accumulation: int) -> Path:
 def _prepare(params: Path):
     """Data for phase 2 and a phase-1 checkpoint holding the seeded initial weights (speed, not learning)."""
     from llava_core import pipeline
-    from llava_core.config import load_config, write_json_atomic
-    from llava_core.model import build_model, save_model
-    from llava_core.tokenizer import load_tokenizer
+    from llava_core.atomic import write_json_atomic
+    from llava_core.data.tokenizer import load_tokenizer
+    from llava_core.model.llava import build_model, save_model
+    from llava_core.params import load_config
 
     cfg = load_config(params)
     pipeline.run_download(cfg, "synthetic_shapes")
@@ -54,7 +55,7 @@ def _prepare(params: Path):
 
 
 def _ours(cfg) -> dict:
-    from llava_core.launch import train
+    from llava_core.training.launch import train
 
     s = train(cfg, "phase2").summary
     return {
@@ -83,8 +84,8 @@ class _LossOnly(torch.nn.Module):
 def _trainer(cfg, out: Path) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from llava_core.hdf5 import LlavaHdf5Dataset, collate_trimmed
-    from llava_core.model import apply_freeze, load_model
+    from llava_core.model.llava import apply_freeze, load_model
+    from llava_core.training.dataset import LlavaHdf5Dataset, collate_trimmed
 
     tc = cfg.train["phase2"]
     model = load_model(cfg.checkpoint_dir("phase1"))

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.common import figure, gpu_name
-from llava_core.config import PRESETS
-from llava_core.observe import PEAK_BF16_TFLOPS, flops_model, peak_flops, train_flops
+from llava_core.presets import PRESETS
+from llava_core.training.observe import PEAK_BF16_TFLOPS, flops_model, peak_flops, train_flops
 
 if TYPE_CHECKING:  # torch and the model are imported where a measurement runs (`make bench` without a GPU: never)
-    from llava_core.model import LlavaModel
+    from llava_core.model.llava import LlavaModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,7 +92,7 @@ def build(vision: dict, text: dict, device: str = "cpu") -> LlavaModel:
     import torch
     from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
-    from llava_core.model import LlavaModel
+    from llava_core.model.llava import LlavaModel
 
     with torch.device(device):
         return LlavaModel(
@@ -126,7 +126,7 @@ def measure(shape: Shape, device: str, steps: int, warmup: int, checkpointing: b
     """Tokens/s, MFU and peak memory of the training step on one device."""
     import torch
 
-    from llava_core.model import apply_freeze, enable_gradient_checkpointing
+    from llava_core.model.llava import apply_freeze, enable_gradient_checkpointing
 
     torch.manual_seed(0)
     model = build(shape.vision, shape.text, device)
@@ -194,7 +194,7 @@ def measure(shape: Shape, device: str, steps: int, warmup: int, checkpointing: b
 
 def recipe_flops(phase: str, vision: dict, text: dict, text_tokens: int) -> tuple[float, int]:
     """Training FLOPs of one epoch of the recipe's phase on the full model (built on the meta device)."""
-    from llava_core.model import apply_freeze
+    from llava_core.model.llava import apply_freeze
 
     model = build(vision, text, "meta")
     apply_freeze(model, FREEZE[phase])

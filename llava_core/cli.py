@@ -1,18 +1,12 @@
 """`llava-pipeline`: the stages from the command line (what `dvc.yaml` runs), and the whole chain.
 
-llava-pipeline [--params params.yaml] download <source>
-llava-pipeline convert <dataset>
-llava-pipeline hdf5 <phase>
-llava-pipeline validate <phase>   # Great Expectations gate: exit status 1 and a summary when the data fails
-llava-pipeline train <phase>
-llava-pipeline export
-llava-pipeline export-llava   # checkpoints/phase2 -> models/llava (original LLaVA repository layout)
-llava-pipeline evaluate
-llava-pipeline judge          # judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json
-llava-pipeline publish        # upload models/<hf|llava> to S3 (publish section)
-llava-pipeline import-hf <hf folder> [--out DIR]   # Hugging Face LLaVA -> training-format checkpoint
-llava-pipeline predict --model DIR --image IMG --prompt TEXT   # any checkpoint format
-llava-pipeline all            # every stage in order, then print the eval report
+    llava-pipeline [--params params.yaml] [-v | -q] <command> [<key>]
+
+The stage commands come from the stage table (`llava_core.pipeline.STAGES`): download <source>, convert
+<dataset>, hdf5 <phase>, validate <phase>, train <phase>, export, export-llava, evaluate; `all` runs them in
+order. Besides them: judge, publish, import-hf, predict, params (the params reference). A key that does not
+exist, or a params file with problems, is one message naming the valid choices and exit status 2; data that
+fails its gate or a failing judge endpoint is one message and exit status 1.
 
 LLAVA_STAGE_LOG=<file>: each command appends one JSON line to the file when it ends: the stage, its seconds
 (after the params file is read), its exit status and its peak RSS (the largest of the process and the processes
@@ -23,78 +17,148 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from llava_core import pipeline
-from llava_core.config import PROMPT_SUFFIXES, ConfigError, load_config
+from llava_core.config import ConfigError, PipelineConfig
+from llava_core.data.prompts import PROMPT_STYLES, PROMPT_SUFFIXES
+from llava_core.params import load_config
+from llava_core.phases import UnknownName
+from llava_core.pipeline import STAGES, Stage, run_all, stage
+
+log = logging.getLogger("llava_core")
+STAGE_LOG = "LLAVA_STAGE_LOG"
+KEY_HELP = {"source": "a name under `sources`", "dataset": "a name under `datasets`", "phase": "phase1 or phase2"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def package_version() -> str:
+    try:
+        return version("llava-pipeline")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown"
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llava-pipeline", description="LLaVA training pipeline stages")
     ap.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
-    sub = ap.add_subparsers(dest="stage", required=True)
-    d = sub.add_parser("download", help="stage 1: fetch a source into data/raw/<source>")
-    d.add_argument("source")
-    d.add_argument("--refetch", action="store_true", help="fetch again even when the folder is intact")
-    sub.add_parser("convert", help="stage 2: a source file -> data/jsonl/<dataset>.jsonl").add_argument("dataset")
-    sub.add_parser("hdf5", help="stage 3: jsonl -> data/hdf5/<phase>").add_argument("phase")
-    sub.add_parser(
-        "validate", help="stage 3 gate: Great Expectations suites -> data/hdf5/<phase>.validation.json"
-    ).add_argument("phase")
-    t = sub.add_parser("train", help="stage 4: train one phase under accelerate launch")
-    t.add_argument("phase")
-    t.add_argument("--num-processes", type=int, default=None)
-    sub.add_parser("export", help="stage 5a: checkpoints/phase2 -> models/hf")
-    sub.add_parser("export-llava", help="stage 5a: checkpoints/phase2 -> models/llava (original LLaVA layout)")
-    sub.add_parser("evaluate", help="stage 5b: answer the held-out questions -> reports/eval.json")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="<command>")
+    for s in STAGES:
+        p = sub.add_parser(s.command, help=s.help)
+        if s.over is not None:
+            p.add_argument("key", metavar=s.over, help=KEY_HELP[s.over])
+        if s.name == "download":
+            p.add_argument("--refetch", action="store_true", help="fetch again even when the folder is intact")
+        if s.name == "train":
+            p.add_argument("--num-processes", type=int, default=None)
+    sub.add_parser("all", help="run every stage in order and print the eval report")
     sub.add_parser("judge", help="judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json")
     sub.add_parser("publish", help="upload the converted models to S3 (the publish section)")
+    sub.add_parser("params", help="print the params.yaml reference (every key, its type and meaning)")
     imp = sub.add_parser("import-hf", help="a Hugging Face LLaVA folder -> a training-format checkpoint")
     imp.add_argument("hf_dir", type=Path)
     imp.add_argument("--out", type=Path, default=None, help="default: <checkpoints>/imported")
-    imp.add_argument("--prompt-style", default="vicuna_v1", help="sets the image_patch_start_idx recorded")
+    imp.add_argument("--prompt-style", default="vicuna_v1", choices=PROMPT_STYLES, help="sets the image start")
     pr = sub.add_parser("predict", help="image + prompt -> answer, from a training, HF or original-LLaVA folder")
     pr.add_argument("--model", type=Path, required=True, help="checkpoints/phase2, models/hf or models/llava")
     pr.add_argument("--image", type=Path, required=True)
     pr.add_argument("--prompt", required=True)
     pr.add_argument("--max-new-tokens", type=int, default=64)
-    pr.add_argument("--prompt-style", default=None, help="default: the one recorded with the model, else vicuna_v1")
+    pr.add_argument("--prompt-style", default=None, choices=PROMPT_STYLES, help="default: recorded with the model")
     pr.add_argument("--suffix", default="none", choices=sorted(PROMPT_SUFFIXES), help="evaluation suffix to append")
-    sub.add_parser("all", help="run every stage in order and print the eval report")
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.stage == "predict":  # needs no params file
-        from llava_core.predict import predict
 
-        r = predict(
-            args.model,
-            args.image,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            prompt_style=args.prompt_style,
-            suffix=args.suffix,
-        )
-        print(json.dumps({"answer": r.answer, "format": r.format, "prompt": r.prompt}, indent=2))
-        return 0
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    os.environ["LLAVA_LOG_LEVEL"] = logging.getLevelName(level)  # the training process logs at the same level
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    if args.command in ("predict", "params"):  # need no params file
+        return _no_params(args)
     try:
         cfg = load_config(args.params)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        spec = stage(_stage_name(args.command)) if _stage_name(args.command) else None
+        key = spec.check_key(cfg, args.key) if spec else None
+    except (ConfigError, UnknownName) as e:
+        log.error(f"error: {e}")
         return 2
     t0 = time.perf_counter()
     status = 1
     try:
-        status = _run_stage(args, cfg, t0)
+        status = _run(args, cfg, spec, key, t0)
     finally:
         _log_stage(args, time.perf_counter() - t0, status)
     return status
 
 
-STAGE_LOG = "LLAVA_STAGE_LOG"
+def _stage_name(command: str) -> str | None:
+    return next((s.name for s in STAGES if s.command == command), None)
+
+
+def _no_params(args: argparse.Namespace) -> int:
+    if args.command == "params":
+        from llava_core.params import params_reference
+
+        print(params_reference(), end="")
+        return 0
+    from llava_core.evaluation.predict import predict
+
+    r = predict(args.model, args.image, args.prompt, args.max_new_tokens, args.prompt_style, args.suffix)
+    print(json.dumps({"answer": r.answer, "format": r.format, "prompt": r.prompt}, indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace, cfg: PipelineConfig, spec: Stage | None, key, t0: float) -> int:
+    from llava_core.data.validate import ValidationFailed
+    from llava_core.evaluation.judge import JudgeError
+
+    try:
+        if spec is not None:
+            extra = {"refetch": args.refetch} if spec.name == "download" else {}
+            if spec.name == "train":
+                extra = {"num_processes": args.num_processes}
+            result = spec.run(cfg, **extra) if key is None else spec.run(cfg, key, **extra)
+        elif args.command == "all":
+            result = run_all(cfg, log=log.info)["evaluate"]
+            log.info(f"pipeline finished in {time.perf_counter() - t0:.1f} s")
+        else:
+            result = _extra_command(args, cfg)
+    except JudgeError as e:  # the answers are already on disk
+        log.error(f"error: judge review failed: {e}")
+        return 1
+    except ValidationFailed as e:
+        log.error(f"error: {e}")
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _extra_command(args: argparse.Namespace, cfg: PipelineConfig) -> dict:
+    from llava_core.pipeline import plain
+
+    if args.command == "judge":
+        from llava_core.evaluation.evaluate import judge_answers
+
+        return judge_answers(cfg).report
+    if args.command == "publish":
+        from llava_core.model.publish import publish
+
+        return plain(publish(cfg))
+    from llava_core.model.hf import import_hf  # import-hf
+
+    return plain(import_hf(args.hf_dir, args.out or cfg.path("checkpoints") / "imported", args.prompt_style))
 
 
 def _log_stage(args: argparse.Namespace, seconds: float, status: int) -> None:
@@ -102,7 +166,7 @@ def _log_stage(args: argparse.Namespace, seconds: float, status: int) -> None:
     path = os.environ.get(STAGE_LOG)
     if not path:
         return
-    name = " ".join([args.stage] + [str(getattr(args, a)) for a in ("source", "dataset", "phase") if hasattr(args, a)])
+    name = " ".join([args.command] + ([str(args.key)] if getattr(args, "key", None) else []))
     record = {"stage": name, "seconds": round(seconds, 3), "exit": status, "peak_rss_mib": round(peak_rss_mib(), 1)}
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -124,57 +188,6 @@ def peak_rss_mib() -> float:
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
-
-
-def _run_stage(args: argparse.Namespace, cfg, t0: float) -> int:
-    if args.stage == "download":
-        result = pipeline.run_download(cfg, args.source, refetch=args.refetch)
-    elif args.stage == "convert":
-        result = pipeline.run_convert(cfg, args.dataset)
-    elif args.stage == "hdf5":
-        result = pipeline.run_hdf5(cfg, args.phase)
-    elif args.stage == "validate":
-        result = _clean_error(pipeline.run_validate, cfg, args.phase)
-    elif args.stage == "train":
-        result = pipeline.run_train(cfg, args.phase, num_processes=args.num_processes)
-    elif args.stage == "export":
-        result = pipeline.run_export(cfg)
-    elif args.stage == "export-llava":
-        result = pipeline.run_export_llava(cfg)
-    elif args.stage == "evaluate":
-        result = _clean_error(pipeline.run_evaluate, cfg)
-    elif args.stage == "judge":
-        result = _clean_error(pipeline.run_judge, cfg)
-    elif args.stage == "publish":
-        result = pipeline.run_publish(cfg)
-    elif args.stage == "import-hf":
-        result = pipeline.run_import_hf(cfg, args.hf_dir, args.out, args.prompt_style)
-    else:
-        result = _clean_error(pipeline.run_all, cfg)
-        if result is None:
-            return 1
-        print(json.dumps(result["eval"], indent=2))
-        print(f"pipeline finished in {time.perf_counter() - t0:.1f} s")
-        return 0
-    if result is None:
-        return 1
-    print(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-def _clean_error(run, cfg, *args):
-    """Errors a user acts on are one clear message on stderr and exit status 1, not a traceback: a failing judge
-    endpoint (the answers are already on disk) and data that fails its validation gate (the summary)."""
-    from llava_core.judge import JudgeError
-    from llava_core.validate import ValidationFailed
-
-    try:
-        return run(cfg, *args)
-    except JudgeError as e:
-        print(f"error: judge review failed: {e}", file=sys.stderr)
-    except ValidationFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-    return None
 
 
 if __name__ == "__main__":

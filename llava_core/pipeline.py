@@ -1,9 +1,11 @@
-"""The stages in order, each returning a JSON-ready summary: shared by the CLI and `dvc.yaml`.
+"""The stage table: every stage once, with what it repeats over, its command, its Dagster asset, its DVC stage,
+its inputs and its outputs. The CLI, the Dagster assets and `dvc.yaml` all read it (a test checks dvc.yaml).
 
-Dagster assets call the same stage functions (`sources.download`, `convert.convert`, `hdf5.build_hdf5`,
-`validate.validate_phase` (asset checks),
-`train.train`, `checkpoint.export_hf`, `checkpoint.export_llava`, `evaluate.evaluate`, `publish.publish`)
-directly; this module adds only the plain summaries and `run_all`, the order of the whole chain.
+Each stage's `run(cfg, key)` calls the stage's one function (`sources.download`, `convert.convert`,
+`hdf5_writer.build_hdf5`, `validate.validate_phase`, `launch.train`, `formats.export_hf`,
+`formats.export_llava`, `evaluate.evaluate`) and returns a JSON-ready summary. Stage modules are imported
+inside the runners: `dvc repro` starts one process per stage, and the data stages should not pay for
+importing torch and transformers.
 """
 
 from __future__ import annotations
@@ -11,39 +13,43 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from llava_core.config import PHASES, PipelineConfig
+from llava_core.artifacts import ANSWERS
+from llava_core.config import PipelineConfig
+from llava_core.phases import FINAL_PHASE, PHASE_NAMES, choose, get_phase
 
-# Stage modules are imported inside the runners: `dvc repro` starts one process per stage, and the data
-# stages should not pay for importing torch and transformers (about 10 s on 2 cores).
 
-
-def _plain(result: Any) -> dict:
+def plain(result: Any) -> dict:
     return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in dataclasses.asdict(result).items()}
 
 
-def run_download(cfg: PipelineConfig, source: str, refetch: bool = False) -> dict:
-    from llava_core.sources import download
+# --- runners: the stage functions, called with (cfg, key) ------------------------------------------------------
 
-    return _plain(download(cfg, source, refetch=refetch))
+
+def run_download(cfg: PipelineConfig, source: str, refetch: bool = False) -> dict:
+    from llava_core.data.sources import download
+
+    return plain(download(cfg, source, refetch=refetch))
 
 
 def run_convert(cfg: PipelineConfig, dataset: str) -> dict:
-    from llava_core.convert import convert
+    from llava_core.data.convert import convert
 
-    return _plain(convert(cfg, dataset))
+    return plain(convert(cfg, dataset))
 
 
 def run_hdf5(cfg: PipelineConfig, phase: str) -> dict:
-    from llava_core.hdf5 import build_hdf5
+    from llava_core.data.hdf5_writer import build_hdf5
 
-    return _plain(build_hdf5(cfg, phase))
+    return plain(build_hdf5(cfg, phase))
 
 
 def run_validate(cfg: PipelineConfig, phase: str) -> dict:
     """The data gate: both suites on the built phase; raises `ValidationFailed` (its summary) on failure."""
-    from llava_core.validate import ValidationFailed, validate_phase
+    from llava_core.data.validate import ValidationFailed, validate_phase
 
     r = validate_phase(cfg, phase)
     if not r.success:
@@ -52,84 +58,182 @@ def run_validate(cfg: PipelineConfig, phase: str) -> dict:
 
 
 def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> dict:
-    from llava_core.launch import train  # starts the training process; no torch here
+    from llava_core.training.launch import train  # starts the training process; no torch here
 
-    return _plain(train(cfg, phase, num_processes=num_processes))
-
-
-def run_export(cfg: PipelineConfig) -> dict:
-    from llava_core.checkpoint import export_hf
-
-    return _plain(export_hf(cfg))
+    return plain(train(cfg, phase, num_processes=num_processes))
 
 
-def run_export_llava(cfg: PipelineConfig) -> dict:
-    from llava_core.checkpoint import export_llava
+def run_export(cfg: PipelineConfig, _key: None = None) -> dict:
+    from llava_core.model.hf import export_hf
 
-    return _plain(export_llava(cfg))
-
-
-def run_import_hf(cfg: PipelineConfig, hf_dir, out=None, prompt_style: str = "vicuna_v1") -> dict:
-    """A Hugging Face LLaVA folder -> a training-format checkpoint (default `<checkpoints>/imported`)."""
-    from llava_core.checkpoint import import_hf
-
-    return _plain(import_hf(hf_dir, out or cfg.path("checkpoints") / "imported", prompt_style))
+    return plain(export_hf(cfg))
 
 
-def run_evaluate(cfg: PipelineConfig) -> dict:
-    from llava_core.evaluate import evaluate
+def run_export_llava(cfg: PipelineConfig, _key: None = None) -> dict:
+    from llava_core.model.original import export_llava
+
+    return plain(export_llava(cfg))
+
+
+def run_evaluate(cfg: PipelineConfig, _key: None = None) -> dict:
+    from llava_core.evaluation.evaluate import evaluate
 
     return evaluate(cfg).report
 
 
-def run_judge(cfg: PipelineConfig) -> dict:
-    from llava_core.evaluate import judge_answers
+# --- the table -------------------------------------------------------------------------------------------------
 
-    return judge_answers(cfg).report
-
-
-def run_publish(cfg: PipelineConfig) -> dict:
-    from llava_core.publish import publish
-
-    return _plain(publish(cfg))
+Paths = Callable[[PipelineConfig, Any], list[Path]]
 
 
-@dataclasses.dataclass(frozen=True)
+def _eval_source_dir(cfg: PipelineConfig) -> list[Path]:
+    """The raw folder that holds the evaluation questions, when a configured source provides it."""
+    source = cfg.eval.questions.split("/")[0]
+    return [cfg.raw_dir(source)] if source in cfg.sources else []
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One step of the whole chain: `llava-pipeline <cli...>` runs `run(cfg, *args)`; its summary goes to
-    `run_all`'s result under `group` (and `key` when the group has one per source, dataset or phase)."""
+    """One stage of the chain. `over` is what it repeats for ("source", "dataset", "phase" or None)."""
 
-    group: str
-    key: str | None
-    cli: tuple[str, ...]
+    name: str
+    over: str | None
+    command: str  # `llava-pipeline <command> [<key>]`
+    help: str
     run: Callable[..., Any]
-    args: tuple = ()
+    asset: str | None  # the Dagster asset it materialises ("{key}" filled in); None: an asset check
+    dvc: str  # its dvc.yaml stage name ("{key}" filled in: `download@x` for foreach stages)
+    outs: Paths  # outputs, the primary one (the asset's data version) first
+    deps: Paths  # the outputs of other stages it reads
+    checks: str | None = None  # a gate: the stage whose asset it checks (a Dagster asset check, no asset)
+
+    def keys(self, cfg: PipelineConfig) -> list:
+        return keys_of(cfg, self.over)
+
+    def check_key(self, cfg: PipelineConfig, key: Any) -> Any:
+        """`key` when the stage has it (`UnknownName` naming the valid ones otherwise)."""
+        if self.over is None:
+            return None
+        return choose(self.over, key, self.keys(cfg))
+
+    def asset_name(self, key: Any) -> str | None:
+        return None if self.asset is None else self.asset.format(key=key)
+
+    def dvc_name(self, key: Any) -> str:
+        return self.dvc.format(key=key)
 
 
-def stages(cfg: PipelineConfig) -> list[Stage]:
-    """Every stage of `llava-pipeline all`, in dependency order (also what the benchmarks run one by one)."""
-    out = [Stage("download", s, ("download", s), run_download, (s,)) for s in cfg.sources]
-    out += [Stage("convert", d, ("convert", d), run_convert, (d,)) for d in cfg.datasets]
-    for group, runner in (("hdf5", run_hdf5), ("validate", run_validate), ("train", run_train)):
-        out += [Stage(group, p, (group, p), runner, (p,)) for p in PHASES]
-    return out + [
-        Stage("export", None, ("export",), run_export),
-        Stage("export_llava", None, ("export-llava",), run_export_llava),
-        Stage("eval", None, ("evaluate",), run_evaluate),
-    ]
+def keys_of(cfg: PipelineConfig, over: str | None) -> list:
+    return {None: [None], "source": list(cfg.sources), "dataset": list(cfg.datasets), "phase": list(PHASE_NAMES)}[over]
+
+
+def _train_deps(cfg: PipelineConfig, phase: str) -> list[Path]:
+    prev = get_phase(phase).previous
+    deps = [cfg.hdf5_dir(phase), cfg.validation_path(phase)]
+    return deps + ([cfg.checkpoint_dir(prev)] if prev else [])
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "download", "source", "download", "stage 1: fetch a source into data/raw/<source>", run_download,
+        "raw_{key}", "download@{key}",
+        outs=lambda c, k: [c.raw_dir(k)],
+        deps=lambda c, k: [],
+    ),
+    Stage(
+        "convert", "dataset", "convert", "stage 2: a source file -> data/jsonl/<dataset>.jsonl", run_convert,
+        "jsonl_{key}", "convert@{key}",
+        outs=lambda c, k: [c.jsonl_path(k), c.convert_report(k)],
+        deps=lambda c, k: [c.raw_dir(c.datasets[k].source)],
+    ),
+    Stage(
+        "hdf5", "phase", "hdf5", "stage 3: jsonl -> data/hdf5/<phase>", run_hdf5,
+        "hdf5_{key}", "hdf5_{key}",
+        outs=lambda c, k: [c.hdf5_dir(k)],
+        deps=lambda c, k: [c.jsonl_path(d) for d in c.datasets_for(k)],
+    ),
+    Stage(
+        "validate", "phase", "validate", "stage 3 gate: Great Expectations suites -> data/hdf5/<phase>.validation.json",
+        run_validate, None, "validate_{key}",
+        outs=lambda c, k: [c.validation_path(k)],
+        deps=lambda c, k: [c.hdf5_dir(k), *(c.jsonl_path(d) for d in c.datasets_for(k))],
+        checks="hdf5",
+    ),
+    Stage(
+        "train", "phase", "train", "stage 4: train one phase under accelerate launch", run_train,
+        "checkpoint_{key}", "train_{key}",
+        outs=lambda c, k: [c.checkpoint_dir(k)],
+        deps=_train_deps,
+    ),
+    Stage(
+        "export_hf", None, "export", "stage 5a: the final checkpoint -> models/hf", run_export,
+        "hf_model", "export_hf",
+        outs=lambda c, k: [c.model_dir("hf")],
+        deps=lambda c, k: [c.checkpoint_dir(FINAL_PHASE)],
+    ),
+    Stage(
+        "export_llava", None, "export-llava", "stage 5a: the final checkpoint -> models/llava (original LLaVA layout)",
+        run_export_llava, "llava_model", "export_llava",
+        outs=lambda c, k: [c.model_dir("llava")],
+        deps=lambda c, k: [c.checkpoint_dir(FINAL_PHASE)],
+    ),
+    Stage(
+        "evaluate", None, "evaluate", "stage 5b: answer the held-out questions -> reports/eval.json", run_evaluate,
+        "eval_report", "evaluate",
+        outs=lambda c, k: [c.report_file(), c.report_file(ANSWERS)],
+        deps=lambda c, k: [c.model_dir("hf"), *_eval_source_dir(c)],
+    ),
+)  # fmt: skip
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage(name: str) -> Stage:
+    return STAGE_BY_NAME[choose("stage", name, STAGE_BY_NAME)]
+
+
+def steps(cfg: PipelineConfig) -> list[tuple[Stage, Any]]:
+    """Every (stage, key) of the whole chain in dependency order: all downloads, all conversions, then per
+    phase the data, its gate and its training, then the exports and the evaluation."""
+    order: list[tuple[Stage, Any]] = []
+    for s in STAGES:
+        order += [(s, k) for k in s.keys(cfg)]
+    return order
+
+
+def producer(cfg: PipelineConfig, path: Path) -> tuple[Stage, Any] | None:
+    """The (stage, key) whose outputs include `path`, or None (an input from outside the pipeline)."""
+    for s, k in steps(cfg):
+        if Path(path) in s.outs(cfg, k):
+            return s, k
+    return None
+
+
+def asset_inputs(cfg: PipelineConfig, s: Stage, key: Any) -> list[str]:
+    """The assets a stage's asset depends on: the producers of its inputs (a gate's output stands for the asset
+    it checks), in input order, without repeats."""
+    out: list[str] = []
+    for path in s.deps(cfg, key):
+        found = producer(cfg, path)
+        if found is None:
+            continue
+        src, src_key = found
+        name = stage(src.checks).asset_name(src_key) if src.checks else src.asset_name(src_key)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def run_all(cfg: PipelineConfig, log=print) -> dict:
     """Every stage in dependency order; returns each stage's summary and its wall time."""
     out: dict[str, Any] = {"seconds": {}}
-    for stage in stages(cfg):
-        name = " ".join(stage.cli)
+    for s, key in steps(cfg):
+        name = s.command if key is None else f"{s.command} {key}"
         t0 = time.perf_counter()
         log(f"==> {name}")
-        result = stage.run(cfg, *stage.args)
+        result = s.run(cfg) if key is None else s.run(cfg, key)
         out["seconds"][name] = round(time.perf_counter() - t0, 2)
-        if stage.key is None:
-            out[stage.group] = result
+        if key is None:
+            out[s.name] = result
         else:
-            out.setdefault(stage.group, {})[stage.key] = result
+            out.setdefault(s.name, {})[key] = result
     return out

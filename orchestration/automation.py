@@ -11,13 +11,13 @@ import json
 import os
 
 import dagster as dg
-from dagster._core.definitions.data_version import extract_data_version_from_entry
 
 from assets.download import raw_key
-from assets.resources import PipelineSettings, S3Resource
-from assets.versioning import DvcRepo, lock_sync_events
 from llava_core.config import PipelineConfig
-from llava_core.fetch import s3_source_objects
+from llava_core.data.fetch import s3_source_objects
+from orchestration.dvc import DvcRepo
+from orchestration.resources import PipelineSettings, S3Resource
+from orchestration.versioning import latest_data_version, lock_sync_events
 
 DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
 TRIGGER_TAG = "llava/trigger"
@@ -28,19 +28,7 @@ def retrain_schedule(job: dg.UnresolvedAssetJobDefinition, cron: str | None = No
     in `LLAVA_RETRAIN_TZ`, default UTC)."""
     cron = cron or os.environ.get("LLAVA_RETRAIN_CRON", DEFAULT_RETRAIN_CRON)
     timezone = timezone or os.environ.get("LLAVA_RETRAIN_TZ", "UTC")
-    from dagster._utils.schedules import is_valid_cron_string
 
-    if not is_valid_cron_string(cron):
-        raise ValueError(f"LLAVA_RETRAIN_CRON={cron!r} is not a cron expression (e.g. {DEFAULT_RETRAIN_CRON!r})")
-
-    @dg.schedule(
-        name="weekly_retrain",
-        job=job,
-        cron_schedule=cron,
-        execution_timezone=timezone,
-        default_status=dg.DefaultScheduleStatus.STOPPED,
-        description=f"Runs `{job.name}` (download -> eval) on `{cron}` ({timezone}).",
-    )
     def weekly_retrain(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
         when = context.scheduled_execution_time
         return dg.RunRequest(
@@ -48,7 +36,19 @@ def retrain_schedule(job: dg.UnresolvedAssetJobDefinition, cron: str | None = No
             tags={TRIGGER_TAG: "schedule", "llava/scheduled_for": when.isoformat()},
         )
 
-    return weekly_retrain
+    try:
+        return dg.schedule(
+            name="weekly_retrain",
+            job=job,
+            cron_schedule=cron,
+            execution_timezone=timezone,
+            default_status=dg.DefaultScheduleStatus.STOPPED,
+            description=f"Runs `{job.name}` (download -> eval) on `{cron}` ({timezone}).",
+        )(weekly_retrain)
+    except dg.DagsterInvalidDefinitionError as e:
+        raise ValueError(
+            f"LLAVA_RETRAIN_CRON={cron!r}: not a valid schedule (e.g. {DEFAULT_RETRAIN_CRON!r}): {e}"
+        ) from None
 
 
 def listing_digest(objects: list[dict]) -> str:
@@ -109,12 +109,6 @@ def s3_source_sensor(cfg: PipelineConfig, job, all_assets: list[dg.AssetsDefinit
         return dg.SensorResult(skip_reason="; ".join(notes), cursor=json.dumps(cursor, sort_keys=True))
 
     return s3_source_changed
-
-
-def latest_data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
-    entry = instance.get_latest_materialization_event(key)
-    version = extract_data_version_from_entry(entry) if entry else None
-    return version.value if version else None
 
 
 def dvc_lock_sensor(all_assets: list[dg.AssetsDefinition]) -> dg.SensorDefinition:

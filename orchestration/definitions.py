@@ -16,10 +16,11 @@ from assets.download import build_download_assets
 from assets.evaluate import build_evaluate_assets
 from assets.export import build_export_assets
 from assets.hdf5 import build_hdf5_assets, build_hdf5_checks
-from assets.resources import PipelineSettings, S3Resource, default_params_path
 from assets.train import build_train_assets
-from llava_core.config import PipelineConfig, load_config
+from llava_core.config import PipelineConfig
+from llava_core.params import load_config
 from orchestration.automation import dvc_lock_sensor, retrain_schedule, s3_source_sensor
+from orchestration.resources import PipelineSettings, S3Resource, default_params_path
 
 ENVIRONMENTS = ("local", "s3")
 # What each step process needs imported before it starts. A step process forks from a server that imported these
@@ -29,9 +30,9 @@ ENVIRONMENTS = ("local", "s3")
 STEP_PRELOAD = [
     "dagster._core.executor.multiprocess",  # Dagster's own advice: first
     "orchestration.definitions",  # this code location (and Dagster)
-    "llava_core.hdf5", "llava_core.tokenizer", "llava_core.model",  # hdf5 stages (transformers, torch)
-    "llava_core.validate", "great_expectations",  # the gates
-    "llava_core.checkpoint", "llava_core.evaluate",  # exports, evaluation
+    "llava_core.data.hdf5_writer", "llava_core.data.tokenizer", "llava_core.model.llava",  # hdf5 stages (transformers, torch)
+    "llava_core.data.validate", "great_expectations",  # the gates
+    "llava_core.model.hf", "llava_core.model.original", "llava_core.evaluation.evaluate",  # exports, evaluation
 ]  # fmt: skip
 EXECUTORS = {
     "multiprocess": dg.multiprocess_executor.configured(
@@ -47,7 +48,7 @@ def build_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         *build_download_assets(cfg),
         *build_convert_assets(cfg),
         *build_hdf5_assets(cfg),
-        *build_train_assets(),
+        *build_train_assets(cfg),
         *build_export_assets(cfg),
         *build_evaluate_assets(cfg),
     ]

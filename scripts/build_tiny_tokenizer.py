@@ -18,8 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llava_core import synthetic
-from llava_core.prompts import SYSTEM_PROMPTS
+from llava_core.data import synthetic
+from llava_core.data.prompts import SYSTEM_PROMPTS
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]
 VOCAB_SIZE = 1024

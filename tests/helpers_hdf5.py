@@ -8,9 +8,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from llava_core.config import PipelineConfig, load_config
-from llava_core.convert import convert
-from llava_core.sources import download
+from llava_core.config import PipelineConfig
+from llava_core.data.convert import convert
+from llava_core.data.sources import download
+from llava_core.params import load_config
 from tests.helpers_unit import base_params, loss_runs, write_params
 
 TEXT_ONLY_EXTRA = {

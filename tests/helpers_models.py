@@ -7,7 +7,7 @@ import json
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from llava_core.config import load_config
+from llava_core.params import load_config
 from tests.helpers_unit import LoopbackServer, base_params, write_params, write_png
 
 EVAL_QUESTIONS = [
@@ -48,7 +48,7 @@ def write_checkpoint(cfg, tok, phase: str = "phase2", seed: int = 1) -> Path:
     """A checkpoint folder as training writes it: random weights, perturbed so no tensor keeps its init."""
     import torch
 
-    from llava_core.model import build_model, save_model
+    from llava_core.model.llava import build_model, save_model
 
     model = build_model(cfg, len(tok), {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
     g = torch.Generator().manual_seed(seed)

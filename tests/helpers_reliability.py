@@ -347,10 +347,10 @@ class FaultedPipeline:
             self._export_and_evaluate()
 
     def _data_stages(self) -> None:
-        from llava_core.config import load_config
-        from llava_core.convert import convert
-        from llava_core.hdf5 import build_hdf5
-        from llava_core.sources import download
+        from llava_core.data.convert import convert
+        from llava_core.data.hdf5_writer import build_hdf5
+        from llava_core.data.sources import download
+        from llava_core.params import load_config
         from tests.conftest import e2e_params
 
         cfg = load_config(self.params)
@@ -396,9 +396,11 @@ class FaultedPipeline:
         self.records("hdf5-rerun", _lines(jsonl), list(range(params["examples"])))
 
     def _training(self) -> None:
-        from llava_core.config import load_config
-        from llava_core.observe import read_metrics
-        from llava_core.train import SUMMARY, step_checkpoints, train, work_dir
+        from llava_core.params import load_config
+        from llava_core.training.checkpointing import step_checkpoints, work_dir
+        from llava_core.training.launch import train
+        from llava_core.training.observe import read_metrics
+        from llava_core.training.recipe import SUMMARY
 
         cfg = load_config(self.params)
         moments = {
@@ -425,9 +427,9 @@ class FaultedPipeline:
             fact["identical"] = steps == list(range(1, summary["steps"] + 1)) and not work.exists()
 
     def _export_and_evaluate(self) -> None:
-        from llava_core.checkpoint import export_hf
-        from llava_core.config import load_config
-        from llava_core.evaluate import evaluate, judge_answers
+        from llava_core.evaluation.evaluate import evaluate, judge_answers
+        from llava_core.model.hf import export_hf
+        from llava_core.params import load_config
 
         cfg = load_config(self.params)
         export_hf(cfg)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from llava_core import synthetic
-from llava_core.prompts import SYSTEM_PROMPTS
+from llava_core.data import synthetic
+from llava_core.data.prompts import SYSTEM_PROMPTS
 
 KINDS = ("llama", "mistral", "llama_pad")
 MISTRAL_CONTROL = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"]

@@ -10,10 +10,10 @@ import dagster as dg
 
 from assets.evaluate import build_evaluate_assets
 from assets.export import build_export_assets
-from assets.resources import PipelineSettings, S3Resource
-from llava_core.config import load_config
-from llava_core.tokenizer import load_tokenizer
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.params import load_config
 from orchestration.definitions import build_assets, build_definitions
+from orchestration.resources import PipelineSettings, S3Resource
 from tests.helpers_models import eval_workspace, write_checkpoint
 
 

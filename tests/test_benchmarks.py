@@ -28,7 +28,7 @@ def test_gpu_bench_smoke_runs_and_projects_consistently(tmp_path):
 def test_7b_recipe_flops_from_the_real_shapes():
     """Vicuna-7B: 6.61B matmul weights (embedding table aside); the published times imply 25-35% MFU on A100."""
     model = gpu_bench.build(gpu_bench.CLIP_L_336, gpu_bench.LLAMA_7B, "meta")
-    from llava_core.observe import flops_model
+    from llava_core.training.observe import flops_model
 
     fm = flops_model(model)
     assert fm.lm_params == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 32000 * 4096

@@ -9,27 +9,21 @@ import pytest
 import torch
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from llava_core.checkpoint import (
-    HF_KEY_MAP,
+from llava_core.data.images import clip_transform
+from llava_core.data.prompts import SYSTEM_PROMPTS, encode_conversation
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.model.hf import HF_KEY_MAP, export_hf, from_hf_state_dict, import_hf, read_hf, to_hf_state_dict
+from llava_core.model.llava import load_model
+from llava_core.model.original import (
     LLAVA_KEY_MAP,
-    export_hf,
     export_llava,
-    from_hf_state_dict,
     from_llava_state_dict,
-    import_hf,
     import_llava,
     load_llava_original,
-    pad_vocab,
-    read_hf,
-    to_hf_state_dict,
     to_llava_state_dict,
-    trim_vocab,
 )
-from llava_core.config import load_config
-from llava_core.images import clip_transform
-from llava_core.model import load_model
-from llava_core.prompts import SYSTEM_PROMPTS, encode_conversation
-from llava_core.tokenizer import load_tokenizer
+from llava_core.model.weights import pad_vocab, trim_vocab
+from llava_core.params import load_config
 from tests.helpers_models import write_checkpoint
 from tests.helpers_unit import TINY_TOKENIZER
 

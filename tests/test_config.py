@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llava_core.config import (
-    PRESETS,
-    TOP_KEYS,
-    ConfigError,
-    PipelineConfig,
-    load_config,
-)
+from llava_core.config import ConfigError, PipelineConfig
+from llava_core.params import TOP_KEYS, load_config
+from llava_core.presets import PRESETS
 from tests.helpers_unit import CPU_ACCELERATE, TINY_TOKENIZER, base_params, write_params
 
 

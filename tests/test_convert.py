@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llava_core.config import load_config
-from llava_core.convert import Drop, convert, validate_record
+from llava_core.data.convert import convert, validate_record
+from llava_core.data.converters import Drop
+from llava_core.params import load_config
 from tests.helpers_unit import base_params, write_params, write_png, write_truncated_png
 
 SRC = "mysrc"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from llava_core.config import ConfigError, load_config
-from llava_core.convert import convert
-from llava_core.converters import BRIEF_PROMPTS, CAPTION_PROMPT, CONVERTERS
+from llava_core.config import ConfigError
+from llava_core.data.convert import convert
+from llava_core.data.converters import BRIEF_PROMPTS, CAPTION_PROMPT, CONVERTERS
+from llava_core.params import load_config
 from tests.helpers_unit import base_params, png_bytes, write_params, write_png
 
 SRC = "up"

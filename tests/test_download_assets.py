@@ -11,8 +11,8 @@ import dagster as dg
 
 from assets.convert import build_convert_assets
 from assets.download import build_download_assets
-from assets.resources import PipelineSettings
-from llava_core.config import load_config
+from llava_core.params import load_config
+from orchestration.resources import PipelineSettings
 from tests.helpers_unit import base_params, png_bytes, write_params
 
 

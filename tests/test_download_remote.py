@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from llava_core.config import ConfigError, load_config
-from llava_core.fetch import UnsafeArchiveError, etag_matches, extract_archive, hf_snapshot_args, http_download
-from llava_core.sources import MANIFEST, download
+from llava_core.artifacts import MANIFEST
+from llava_core.config import ConfigError
+from llava_core.data.fetch import UnsafeArchiveError, etag_matches, extract_archive, hf_snapshot_args, http_download
+from llava_core.data.sources import download
+from llava_core.params import load_config
 from tests.helpers_unit import base_params, png_bytes, write_params
 
 MIB = 1 << 20
@@ -110,7 +112,7 @@ def test_s3_empty_prefix_is_an_error(tmp_path, bucket):
 
 
 def test_s3_listing_paginates(bucket):
-    from llava_core.fetch import list_s3
+    from llava_core.data.fetch import list_s3
 
     class SmallPages:  # the real client, with one key per page
         def __init__(self, client):
@@ -383,7 +385,7 @@ def test_hf_unpinned_revision_is_rejected(tmp_path, revision):
 
 def test_hf_declaration_in_manifest_is_pinned(tmp_path):
     cfg = cfg_with(tmp_path, "pt", {"kind": "hf", "location": "a/b", "revision": SHA, "patterns": ["*.json"]})
-    from llava_core.sources import declaration_of
+    from llava_core.data.sources import declaration_of
 
     assert declaration_of(cfg.sources["pt"]) == {
         "kind": "hf",

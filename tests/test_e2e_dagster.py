@@ -14,8 +14,8 @@ import dagster as dg
 import h5py
 import pytest
 
-from assets.resources import PipelineSettings
 from orchestration.definitions import build_assets, build_checks, build_definitions
+from orchestration.resources import PipelineSettings
 from tests.conftest import e2e_params
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +61,7 @@ def test_definitions_load_with_lineage_and_job():
 
 def test_materialize_default_pipeline_learns(tmp_path):
     params = e2e_params(tmp_path / "ws", small=False)
-    from llava_core.config import load_config
+    from llava_core.params import load_config
 
     cfg = load_config(params)
     home = tmp_path / "dagster_home"

@@ -65,7 +65,7 @@ def test_dvc_repro_runs_every_stage(tmp_path, venv_env):
 
 def test_hdf5_stage_deps_list_every_dataset_of_the_phase():
     """dvc.yaml cannot filter datasets by phase, so its hdf5 deps are listed by hand: keep them in sync."""
-    from llava_core.config import load_config
+    from llava_core.params import load_config
 
     cfg = load_config(PROJECT / "params.yaml")
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
@@ -78,10 +78,10 @@ def test_hdf5_stage_deps_list_every_dataset_of_the_phase():
 def test_training_waits_for_the_validation_gate():
     """The gate writes the file training depends on, so `dvc repro` orders validate before train and stops
     at a failing validation; the gate reads the data the hdf5 stage wrote and its own settings."""
-    from llava_core.validate import validation_path
+    from llava_core.data.validate import validation_path
 
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    from llava_core.config import load_config
+    from llava_core.params import load_config
 
     cfg = load_config(PROJECT / "params.yaml")
     for phase in ("phase1", "phase2"):
@@ -89,7 +89,7 @@ def test_training_waits_for_the_validation_gate():
         result = str(validation_path(cfg, phase).relative_to(PROJECT))
         assert gate["cmd"] == f"llava-pipeline validate {phase}"
         assert [next(iter(o)) if isinstance(o, dict) else o for o in gate["outs"]] == [result]
-        assert f"data/hdf5/{phase}" in gate["deps"] and "llava_core/validate.py" in gate["deps"]
+        assert f"data/hdf5/{phase}" in gate["deps"] and "llava_core/data/validate.py" in gate["deps"]
         assert f"hdf5.{phase}" in gate["params"]
         assert result in stages[f"train_{phase}"]["deps"]
         assert f"data/hdf5/{phase}" in stages[f"hdf5_{phase}"]["outs"]

@@ -21,11 +21,11 @@ import yaml
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver  # the resolver the UI's status uses
 
-from assets.resources import PipelineSettings
-from assets.versioning import DvcRepo
-from llava_core.config import load_config
+from llava_core.params import load_config
 from orchestration.automation import latest_data_version
 from orchestration.definitions import build_assets, build_definitions
+from orchestration.resources import PipelineSettings
+from orchestration.versioning import DvcRepo
 from tests.conftest import PROJECT, dvc_project
 from tests.test_e2e_dvc import run
 

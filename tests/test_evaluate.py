@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.checkpoint import export_hf, hf_from_training
 from llava_core.cli import main
-from llava_core.config import PROMPT_SUFFIXES, EvalConfig
-from llava_core.evaluate import (
+from llava_core.config import EvalConfig
+from llava_core.data.prompts import PROMPT_SUFFIXES
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.evaluation.evaluate import (
     evaluate,
     generate,
     judge_answers,
@@ -21,10 +22,10 @@ from llava_core.evaluate import (
     question_suffix,
     with_suffix,
 )
-from llava_core.judge import JudgeError
-from llava_core.metrics import METRICS
-from llava_core.model import load_model
-from llava_core.tokenizer import load_tokenizer
+from llava_core.evaluation.judge import JudgeError
+from llava_core.evaluation.metrics import METRICS
+from llava_core.model.hf import export_hf, hf_from_training
+from llava_core.model.llava import load_model
 from tests.helpers_models import EVAL_QUESTIONS, JudgeServer, eval_config, eval_workspace, judge_reply, write_checkpoint
 
 SHORT = PROMPT_SUFFIXES["short_answer"]
@@ -154,7 +155,7 @@ def test_failing_judge_keeps_answers_then_judge_reviews_them(exported, monkeypat
     # a working endpoint: the review runs on the kept answers, nothing is generated again
     with JudgeServer(lambda body, n: judge_reply("8 4\nfine")) as up:
         params = eval_workspace(cfg.base_dir, judge={**judge, "base_url": up.base_url})
-        from llava_core.config import load_config
+        from llava_core.params import load_config
 
         result = judge_answers(load_config(params))
     assert len(up.requests) == 3  # the two colour questions and the detail one

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_core.config import load_config
-from llava_core.hdf5 import build_hdf5
+from llava_core.data.hdf5_writer import build_hdf5
+from llava_core.params import load_config
 from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, read_phase, small_workspace
 from tests.helpers_unit import PROJECT, base_params, write_params
 
@@ -89,8 +89,8 @@ def test_shuffle_is_seeded_and_mixes_examples_across_files(root):
 
 KILL_SCRIPT = """
 import sys
-from llava_core.config import load_config
-from llava_core.hdf5 import build_hdf5
+from llava_core.params import load_config
+from llava_core.data.hdf5_writer import build_hdf5
 if __name__ == "__main__":
     build_hdf5(load_config(sys.argv[1]), "phase2")
 """

@@ -12,10 +12,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from llava_core.config import load_config
-from llava_core.hdf5 import build_hdf5
-from llava_core.prompts import PROMPT_STYLES, SYSTEM_PROMPTS, encode_conversation
-from llava_core.tokenizer import load_tokenizer
+from llava_core.data.hdf5_writer import build_hdf5
+from llava_core.data.prompts import PROMPT_STYLES, SYSTEM_PROMPTS, encode_conversation
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.params import load_config
 from tests.helpers_hdf5 import (
     TEXT_ONLY_EXTRA,
     answers_of,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.images import (
+from llava_core.data.images import (
     CLIP_MEAN,
     CLIP_STD,
     PAD_COLOR,
@@ -192,7 +192,7 @@ def test_clip_transform_equals_llava_expand2square_then_clip_processor(size, sha
 
 
 def test_checker_notes_format_mismatch_and_animation(tmp_path):
-    from llava_core.images import ANIMATED, FORMAT_MISMATCH, ImageChecker
+    from llava_core.data.images import ANIMATED, FORMAT_MISMATCH, ImageChecker
 
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.jpg", format="GIF", save_all=True, append_images=frames[1:])

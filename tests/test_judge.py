@@ -7,7 +7,14 @@ import json
 import pytest
 
 from llava_core.config import JudgeConfig
-from llava_core.judge import JudgeClient, JudgeError, parse_scores, review_answers, review_messages, summarize
+from llava_core.evaluation.judge import (
+    JudgeClient,
+    JudgeError,
+    parse_scores,
+    review_answers,
+    review_messages,
+    summarize,
+)
 from tests.helpers_models import JudgeServer, judge_reply
 
 RECORDS = [

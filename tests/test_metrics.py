@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_core.metrics import (
+from llava_core.evaluation.metrics import (
     METRICS,
     anls,
     choice_letter,

@@ -18,11 +18,11 @@ import yaml
 from dagster._utils.schedules import schedule_execution_time_iterator  # the daemon's tick times
 
 from assets.download import build_download_assets
-from assets.resources import PipelineSettings, S3Resource
-from assets.versioning import DvcError, DvcIgnore, DvcRepo, dvc_hash
-from llava_core.config import load_config
+from llava_core.params import load_config
 from orchestration.automation import DEFAULT_RETRAIN_CRON, retrain_schedule
 from orchestration.definitions import build_definitions, build_jobs, build_resources
+from orchestration.resources import PipelineSettings, S3Resource
+from orchestration.versioning import DvcError, DvcIgnore, DvcRepo, dvc_hash
 from tests.conftest import PROJECT
 from tests.helpers_unit import base_params, write_params
 from tests.test_download_remote import PAYLOAD, Server, http_source

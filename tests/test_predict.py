@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
-from llava_core.checkpoint import export_hf, export_llava, import_hf
 from llava_core.cli import main
-from llava_core.images import clip_transform, load_rgb
-from llava_core.model import load_model
-from llava_core.predict import detect_format, load_for_inference, predict
-from llava_core.prompts import encode_conversation
-from llava_core.tokenizer import load_tokenizer
+from llava_core.data.images import clip_transform, load_rgb
+from llava_core.data.prompts import encode_conversation
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.evaluation.predict import detect_format, load_for_inference, predict
+from llava_core.model.hf import export_hf, import_hf
+from llava_core.model.llava import load_model
+from llava_core.model.original import export_llava
 from tests.helpers_models import eval_config, write_checkpoint
 from tests.helpers_unit import write_png
 

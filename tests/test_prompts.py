@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from llava_core.config import RESOURCES
-from llava_core.prompts import (
+from llava_core.data.prompts import (
     PROMPT_STYLES,
     SYSTEM_PROMPTS,
     PromptError,
     encode_conversation,
 )
-from llava_core.tokenizer import load_tokenizer
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.presets import TINY_TOKENIZER
 from tests.helpers_unit import conv, loss_runs
 
 P = 16  # image slots used throughout
@@ -19,7 +19,7 @@ P = 16  # image slots used throughout
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(str(RESOURCES / "tiny_tokenizer"))
+    return load_tokenizer(str(TINY_TOKENIZER))
 
 
 def ids_of(tok, text):

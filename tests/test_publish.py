@@ -8,9 +8,10 @@ import json
 import boto3
 import pytest
 
-from llava_core.checkpoint import export_hf, export_llava
-from llava_core.publish import publish
-from llava_core.tokenizer import load_tokenizer
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.model.hf import export_hf
+from llava_core.model.original import export_llava
+from llava_core.model.publish import publish
 from tests.helpers_models import eval_config, write_checkpoint
 
 

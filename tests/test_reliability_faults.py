@@ -23,11 +23,12 @@ import uuid
 
 import pytest
 
-from llava_core.config import DiskFullError, load_config, partial_dir, replace_dir
-from llava_core.convert import convert
-from llava_core.hdf5 import build_hdf5
-from llava_core.observe import read_metrics
-from llava_core.sources import download
+from llava_core.atomic import DiskFullError, partial_dir, replace_dir
+from llava_core.data.convert import convert
+from llava_core.data.hdf5_writer import build_hdf5
+from llava_core.data.sources import download
+from llava_core.params import load_config
+from llava_core.training.observe import read_metrics
 from tests.helpers_reliability import (
     FAULT_MODES,
     FAULTS,

@@ -51,12 +51,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_core.config import ConfigError, load_config
-from llava_core.convert import convert
-from llava_core.fetch import CorruptArchiveError, UnsafeArchiveError
-from llava_core.hdf5 import build_hdf5
-from llava_core.sources import download
-from llava_core.tokenizer import TokenizerError
+from llava_core.config import ConfigError
+from llava_core.data.convert import convert
+from llava_core.data.fetch import CorruptArchiveError, UnsafeArchiveError
+from llava_core.data.hdf5_writer import build_hdf5
+from llava_core.data.sources import download
+from llava_core.data.tokenizer import TokenizerError
+from llava_core.params import load_config
 from tests.helpers_unit import TINY_TOKENIZER, base_params, conv, png_bytes, write_params, write_png
 
 
@@ -812,7 +813,7 @@ def run_hdf5(tmp_path: Path, case: Case) -> None:
 
 
 def run_validate(tmp_path: Path, case: Case) -> None:
-    from llava_core.validate import validate_phase
+    from llava_core.data.validate import validate_phase
 
     ws = Workspace(tmp_path)
     ws.append(case.bad)
@@ -868,8 +869,8 @@ def run_download(tmp_path: Path, case: Case) -> None:
 @pytest.fixture(scope="module")
 def exported_model(tmp_path_factory) -> Path:
     """A converted HF model (random tiny weights) that every evaluate case reads."""
-    from llava_core.checkpoint import export_hf
-    from llava_core.tokenizer import load_tokenizer
+    from llava_core.data.tokenizer import load_tokenizer
+    from llava_core.model.hf import export_hf
     from tests.helpers_models import write_checkpoint
 
     root = tmp_path_factory.mktemp("model")
@@ -879,7 +880,7 @@ def exported_model(tmp_path_factory) -> Path:
 
 
 def run_evaluate(tmp_path: Path, case: Case, models: Path) -> None:
-    from llava_core.evaluate import evaluate
+    from llava_core.evaluation.evaluate import evaluate
 
     ws = Workspace(tmp_path)
     ws.params["workspace"]["models"] = str(models)

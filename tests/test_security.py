@@ -117,9 +117,10 @@ def _malicious_bin(path: Path, marker: Path, weights: dict) -> None:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A training checkpoint and its two exports (HF, original LLaVA), tiny random weights."""
-    from llava_core.checkpoint import export_hf, export_llava
-    from llava_core.config import load_config
-    from llava_core.tokenizer import load_tokenizer
+    from llava_core.data.tokenizer import load_tokenizer
+    from llava_core.model.hf import export_hf
+    from llava_core.model.original import export_llava
+    from llava_core.params import load_config
     from tests.helpers_models import write_checkpoint
     from tests.helpers_unit import base_params, write_params
 
@@ -134,7 +135,8 @@ def test_a_malicious_pickle_in_a_bin_checkpoint_is_never_run(exported, tmp_path)
 
     from safetensors.torch import load_file
 
-    from llava_core.checkpoint import import_hf, load_llava_original
+    from llava_core.model.hf import import_hf
+    from llava_core.model.original import load_llava_original
 
     hf, llava = (shutil.copytree(p, tmp_path / p.name) for p in exported)
     marker = tmp_path / "pwned"
@@ -188,9 +190,9 @@ def test_no_credential_reaches_a_log_metadata_or_report(faulted_pipeline, s3_end
     import dagster as dg
     import yaml
 
-    from assets.resources import PipelineSettings, S3Resource
-    from llava_core.config import load_config
+    from llava_core.params import load_config
     from orchestration.definitions import build_assets
+    from orchestration.resources import PipelineSettings, S3Resource
 
     fp = faulted_pipeline
     raw = yaml.safe_load(fp.params.read_text())

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llava_core.config import load_config
-from llava_core.sources import MANIFEST, download
+from llava_core.artifacts import MANIFEST
+from llava_core.data.sources import download
+from llava_core.params import load_config
 from tests.helpers_unit import base_params, write_params, write_png
 
 SMALL = {"num_pretrain": 4, "num_instruct": 4, "num_eval_images": 1, "image_size": 16}

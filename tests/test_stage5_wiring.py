@@ -9,8 +9,8 @@ import yaml
 
 from llava_core import pipeline
 from llava_core.cli import main
-from llava_core.config import load_config
-from llava_core.tokenizer import load_tokenizer
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.params import load_config
 from tests.helpers_models import eval_workspace, write_checkpoint
 from tests.helpers_unit import PROJECT, base_params, write_params
 
@@ -82,10 +82,10 @@ def test_dvc_stages_for_stage_5():
     llava = stages["export_llava"]
     assert llava["cmd"] == "llava-pipeline export-llava"
     assert llava["outs"] == ["models/llava"]
-    assert {"checkpoints/phase2", "llava_core/checkpoint.py"} <= set(llava["deps"])
+    assert {"checkpoints/phase2", "llava_core/model/formats.py"} <= set(llava["deps"])
     ev = stages["evaluate"]
     assert {"reports/eval.json": {"cache": False}} in ev["metrics"]
-    assert {"llava_core/evaluate.py", "llava_core/metrics.py", "llava_core/judge.py"} <= set(ev["deps"])
+    assert {"llava_core/evaluation/evaluate.py", "llava_core/evaluation/metrics.py", "llava_core/evaluation/judge.py"} <= set(ev["deps"])
 
 
 def test_params_without_the_new_keys_still_load(tmp_path):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llava_core import synthetic
-from llava_core.synthetic import COLORS, SHAPES, SHORT_ANSWER, PlacedShape, ShapesOptions
+from llava_core.data import synthetic
+from llava_core.data.synthetic import COLORS, SHAPES, SHORT_ANSWER, PlacedShape, ShapesOptions
 
 SMALL = {"num_pretrain": 3, "num_instruct": 30, "num_eval_images": 12, "image_size": 32}
 SCENE = [PlacedShape("circle", "red", "top left"), PlacedShape("cross", "blue", "bottom right")]

@@ -8,11 +8,11 @@ import dagster as dg
 import pytest
 import yaml
 
-from assets.resources import PipelineSettings
 from assets.train import TRAIN_POOL, checkpoint_key
-from llava_core.config import load_config
-from llava_core.observe import read_metrics
+from llava_core.params import load_config
+from llava_core.training.observe import read_metrics
 from orchestration.definitions import build_assets, build_definitions
+from orchestration.resources import PipelineSettings
 from tests.conftest import e2e_params
 
 

@@ -16,21 +16,13 @@ import yaml
 from safetensors.torch import load_file
 
 from llava_core import pipeline
-from llava_core.config import load_config
-from llava_core.observe import read_metrics
-from llava_core.sampler import EpochBatches, record_info
-from llava_core.train import (
-    RESUME_KEY,
-    SUMMARY,
-    ResumeMismatch,
-    find_resume,
-    launch_command,
-    launch_env,
-    resume_key,
-    step_checkpoints,
-    train,
-    work_dir,
-)
+from llava_core.artifacts import RESUME_KEY
+from llava_core.params import load_config
+from llava_core.training.checkpointing import ResumeMismatch, find_resume, resume_key, step_checkpoints, work_dir
+from llava_core.training.launch import launch_command, launch_env, train
+from llava_core.training.observe import read_metrics
+from llava_core.training.recipe import SUMMARY
+from llava_core.training.sampler import EpochBatches, record_info
 from tests.conftest import PROJECT, e2e_params
 
 pytestmark = pytest.mark.e2e

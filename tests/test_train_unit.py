@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from llava_core import pipeline
-from llava_core.config import ConfigError, load_config, write_json_atomic
-from llava_core.hdf5 import LlavaHdf5Dataset
-from llava_core.model import (
+from llava_core.artifacts import RESUME_KEY
+from llava_core.atomic import write_json_atomic
+from llava_core.config import ConfigError
+from llava_core.data.tokenizer import load_tokenizer
+from llava_core.model.llava import (
     apply_freeze,
     apply_lora,
     build_model,
@@ -22,7 +24,10 @@ from llava_core.model import (
     merge_lora,
     save_model,
 )
-from llava_core.observe import (
+from llava_core.params import load_config
+from llava_core.training.checkpointing import ResumeMismatch, find_resume, resume_key
+from llava_core.training.dataset import LlavaHdf5Dataset
+from llava_core.training.observe import (
     FlopsModel,
     TrainObserver,
     downsample,
@@ -33,9 +38,7 @@ from llava_core.observe import (
     train_flops,
     write_loss_curve,
 )
-from llava_core.sampler import DataPosition, EpochBatches, RecordInfo, record_info
-from llava_core.tokenizer import load_tokenizer
-from llava_core.train import RESUME_KEY, ResumeMismatch, find_resume, resume_key
+from llava_core.training.sampler import DataPosition, EpochBatches, RecordInfo, record_info
 from tests.helpers_unit import PROJECT, base_params, write_params
 
 ACCELERATE = PROJECT / "configs" / "accelerate"

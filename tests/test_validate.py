@@ -9,9 +9,9 @@ import h5py
 import pytest
 
 from llava_core.cli import main
-from llava_core.config import load_config
-from llava_core.hdf5 import build_hdf5
-from llava_core.validate import hdf5_frame, validate_phase, validation_path
+from llava_core.data.hdf5_writer import build_hdf5
+from llava_core.data.validate import hdf5_frame, validate_phase, validation_path
+from llava_core.params import load_config
 from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, small_workspace
 from tests.helpers_unit import base_params, write_params
 

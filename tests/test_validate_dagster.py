@@ -6,9 +6,9 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.hdf5 import hdf5_key
-from assets.resources import PipelineSettings
 from assets.train import checkpoint_key
 from orchestration.definitions import build_assets, build_checks
+from orchestration.resources import PipelineSettings
 from tests.helpers_hdf5 import small_workspace
 
 RAN = []

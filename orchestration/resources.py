@@ -1,4 +1,8 @@
-"""The resources the assets use: the resolved pipeline configuration (with its DVC settings) and S3."""
+"""The resources the assets use (by key: `settings`, `s3`): the workspace and S3.
+
+`settings` is the workspace: its params file (`load()` gives the validated config the CLI and DVC use too) and
+its DVC repository (`record_version` gives a materialisation its data version and commits it to dvc.lock).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from llava_core.config import PipelineConfig, load_config
+from llava_core.config import PipelineConfig
+from llava_core.params import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +26,7 @@ class PipelineSettings(dg.ConfigurableResource):
     """Where the params file is; `load()` gives the validated config (same one the CLI and DVC use).
 
     `dvc_commit`: record each materialisation in dvc.lock when the workspace is the DVC repository
-    (assets/versioning.py); `dvc_remote`: also `dvc push` the stage's outputs to that remote (S3-backed).
+    (orchestration/versioning.py); `dvc_remote`: also `dvc push` the stage's outputs to that remote (S3-backed).
     """
 
     params_path: str = default_params_path()
@@ -31,6 +36,18 @@ class PipelineSettings(dg.ConfigurableResource):
 
     def load(self) -> PipelineConfig:
         return load_config(self.params_path)
+
+    def record_version(self, asset: str, result: dg.MaterializeResult) -> dg.MaterializeResult:
+        """`result` with the DVC hash of the asset's output as data version, committed to dvc.lock."""
+        from orchestration.versioning import record_version
+
+        return record_version(result, asset, self)
+
+    def commit_gate(self, dvc_stage: str) -> str:
+        """Record a passed gate stage in dvc.lock; returns what happened (for the check's metadata)."""
+        from orchestration.versioning import commit_gate
+
+        return commit_gate(self, dvc_stage)
 
 
 class S3Resource(dg.ConfigurableResource):

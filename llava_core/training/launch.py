@@ -1,7 +1,7 @@
-"""Stage 4's launcher: the `accelerate launch -m llava_core.train` command of a phase, run and read back.
+"""Stage 4's launcher: the `accelerate launch -m llava_core.training.recipe` command of a phase, run and read back.
 
 This module imports no torch: the CLI (`llava-pipeline train`, what DVC runs), `llava-pipeline all` and the
-Dagster training assets only start the training process, which imports what it needs (`llava_core.train`).
+Dagster training assets only start the training process, which imports what it needs (`llava_core.training.recipe`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_core.config import PipelineConfig, write_json_atomic
-
-SUMMARY = "train_summary.json"
+from llava_core.artifacts import TRAIN_SUMMARY
+from llava_core.atomic import write_json_atomic
+from llava_core.config import PipelineConfig
+from llava_core.phases import get_phase
 
 
 @dataclass
@@ -27,23 +28,17 @@ class TrainResult:
     summary: dict
 
 
-def previous_phase(phase: str) -> str | None:
-    return {"phase1": None, "phase2": "phase1"}[phase]
-
-
 def launch_command(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> list[str]:
     """The `accelerate launch` command of one phase (its resolved config written beside the checkpoints)."""
-    if phase not in cfg.train:
-        raise KeyError(f"unknown phase {phase!r}; valid: {sorted(cfg.train)}")
-    tc = cfg.train[phase]
+    tc = cfg.train[get_phase(phase).name]
     out = cfg.checkpoint_dir(phase)
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = out.parent / f".{phase}.launch.json"
-    write_json_atomic(spec, cfg.to_dict())
+    write_json_atomic(spec, {**cfg.to_dict(), "base_dir": str(cfg.base_dir)})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.resolve_file(tc.accelerate_config)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
-    return cmd + ["-m", "llava_core.train", "--config-json", str(spec), "--phase", phase]
+    return cmd + ["-m", "llava_core.training.recipe", "--config-json", str(spec), "--phase", phase]
 
 
 def launch_env() -> dict[str, str]:
@@ -53,7 +48,7 @@ def launch_env() -> dict[str, str]:
 def finished(cfg: PipelineConfig, phase: str) -> TrainResult:
     """The result of a completed phase, read from its checkpoint folder."""
     out = cfg.checkpoint_dir(phase)
-    summary = json.loads((out / SUMMARY).read_text())
+    summary = json.loads((out / TRAIN_SUMMARY).read_text())
     (out.parent / f".{phase}.launch.json").unlink(missing_ok=True)
     return TrainResult(phase, out, summary["steps"], summary["final_loss"], summary)
 

@@ -16,14 +16,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
-from llava_core.config import PipelineConfig, write_json_atomic
-from llava_core.hdf5 import NO_IMAGE
-from llava_core.images import ImageChecker, ImageRejected
-from llava_core.prompts import PromptError, conversation_segments, placeholder_problem
+from llava_core.artifacts import DATA_PARAMS
+from llava_core.atomic import write_json_atomic
+from llava_core.config import PipelineConfig
+from llava_core.data.hdf5_format import Hdf5Folder
+from llava_core.data.images import ImageChecker, ImageRejected
+from llava_core.data.prompts import PromptError, conversation_segments, placeholder_problem
+from llava_core.phases import get_phase
 
 EXAMPLES_SHOWN = 5  # failing rows named per expectation in the summary
 
@@ -52,7 +54,9 @@ class ValidationResult:
         verdict = "passed" if self.success else f"FAILED ({failed} of {total} expectations)"
         lines = [f"validation of {self.phase} {verdict}: {self.path}"]
         for suite in self.suites.values():
-            lines.append(f"  {suite.name}: {suite.evaluated - suite.failed}/{suite.evaluated} passed on {suite.rows} rows")
+            lines.append(
+                f"  {suite.name}: {suite.evaluated - suite.failed}/{suite.evaluated} passed on {suite.rows} rows"
+            )
             for e in suite.expectations:
                 if not e["success"]:
                     lines.append(f"    x {describe(e)}")
@@ -73,11 +77,6 @@ def describe(e: dict) -> str:
     elif "observed_value" in e:
         text += f": observed {e['observed_value']}"
     return text
-
-
-def validation_path(cfg: PipelineConfig, phase: str) -> Path:
-    """Beside the HDF5 folder (not inside it: that folder is the output of the hdf5 stage)."""
-    return cfg.path("hdf5") / f"{phase}.validation.json"
 
 
 # --- frames -------------------------------------------------------------------------------------------------
@@ -161,31 +160,28 @@ HDF5_COLUMNS = [
 
 
 def hdf5_frame(folder: Path, image_root: Path) -> tuple[pd.DataFrame, dict]:
-    """One row per written example, computed from the files with h5py alone (and `data_params.json`)."""
-    params = json.loads((folder / "data_params.json").read_text())
-    info = params["image_patch_info"]
-    s, e = info["image_patch_start_idx"], info["image_patch_start_idx"] + info["num_patches"]
+    """One row per written example, computed from the files block by block (and `data_params.json`)."""
+    data = Hdf5Folder(folder)
+    params = data.params
+    s, e = data.image_start, data.image_start + data.num_patches
     pad, bos, eos = params["pad_id"], params["bos_id"], params["eos_id"]
     images = ImageChecker(image_root)
     parts = []
-    for entry in params["files"]:
-        with h5py.File(folder / entry["file"], "r") as h5:
-            data = h5["data"][:]  # (N, 4, MSL)
-            raw = h5["img_path"][:, 0]
-        paths = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in raw]
-        ids, loss, labels, kpm = data[:, 0], data[:, 1], data[:, 2], data[:, 3]
+    for block in data.blocks():
+        ids, loss, labels, kpm = (block.data[:, r] for r in range(4))  # each (b, MSL)
         n, msl = ids.shape
-        has_image = np.array([p != NO_IMAGE.decode() for p in paths])
+        has_image = np.array([p is not None for p in block.paths])
         attended = kpm == 0
         seq_len = np.where(attended.any(1), msl - attended[:, ::-1].argmax(1), 0)
         pos = np.arange(msl)[None, :]
         # targets that are image slots or lie past the sequence are never supervised
         outside = (pos >= seq_len[:, None] - 1) | ((pos >= s - 1) & (pos < e - 1))
         slots_kpm = kpm[:, s:e]
+        resolvable = [(p is None) or _resolvable(images, p) for p in block.paths]
         parts.append(
             pd.DataFrame(
                 {
-                    "where": [f"{entry['file']}[{i}]" for i in range(n)],
+                    "where": [f"{block.file}[{block.start + i}]" for i in range(n)],
                     "has_image": has_image,
                     "seq_len": seq_len,
                     "min_token_id": ids.min(1),
@@ -197,7 +193,7 @@ def hdf5_frame(folder: Path, image_root: Path) -> tuple[pd.DataFrame, dict]:
                     "ends_with_eos": ids[np.arange(n), np.maximum(seq_len - 1, 0)] == eos,
                     "image_slots_are_pad": (ids[:, s:e] == pad).all(1),
                     "slot_padding_mask_ok": np.where(has_image, (slots_kpm == 0).all(1), (slots_kpm == 1).all(1)),
-                    "image_path_resolvable": [(not h) or _resolvable(images, p) for h, p in zip(has_image, paths, strict=True)],
+                    "image_path_resolvable": resolvable,
                 },
                 columns=HDF5_COLUMNS,
             )
@@ -330,10 +326,8 @@ def _relative(path: Path, base: Path) -> str:
 
 def validate_phase(cfg: PipelineConfig, phase: str) -> ValidationResult:
     """Run both suites on a built phase and write `data/hdf5/<phase>.validation.json`."""
-    if phase not in cfg.hdf5:
-        raise KeyError(f"unknown phase {phase!r}; valid: {sorted(cfg.hdf5)}")
-    folder = cfg.hdf5_dir(phase)
-    params_file = folder / "data_params.json"
+    folder = cfg.hdf5_dir(get_phase(phase).name)
+    params_file = folder / DATA_PARAMS
     if not params_file.is_file():
         raise FileNotFoundError(f"{params_file} not found: run `llava-pipeline hdf5 {phase}` first")
     hdf5_rows, params = hdf5_frame(folder, cfg.image_root)
@@ -344,7 +338,7 @@ def validate_phase(cfg: PipelineConfig, phase: str) -> ValidationResult:
         ),
     }
     success = all(s.success for s in suites.values())
-    path = validation_path(cfg, phase)
+    path = cfg.validation_path(phase)
     write_json_atomic(
         path,
         {

@@ -20,14 +20,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llava_core.config import PROMPT_SUFFIXES, EvalConfig, PipelineConfig, staged, write_json_atomic
-from llava_core.images import ImageRejected, check_image, clip_transform, load_rgb
-from llava_core.metrics import METRICS
-from llava_core.prompts import encode_conversation, text_is_valid_unicode
-
-ANSWERS = "answers.jsonl"
-REPORT = "eval.json"
-REVIEWS = "reviews.jsonl"
+from llava_core.artifacts import ANSWERS, EVAL_REPORT, EXPORT_INFO, REVIEWS
+from llava_core.atomic import staged, write_json_atomic
+from llava_core.config import EvalConfig, PipelineConfig
+from llava_core.data.images import ImageRejected, check_image, clip_transform, load_rgb
+from llava_core.data.prompts import PROMPT_SUFFIXES, encode_conversation, text_is_valid_unicode
+from llava_core.evaluation.metrics import METRICS
 
 
 @dataclass
@@ -218,11 +216,11 @@ def finish_report(cfg: PipelineConfig, records: list[dict], model_dir: Path) -> 
     report["model"] = str(model_dir)
     report["questions"] = cfg.eval.questions
     if cfg.eval.judge is not None:
-        from llava_core.judge import JudgeClient, review_answers
+        from llava_core.evaluation.judge import JudgeClient, review_answers
 
         jc = cfg.eval.judge
         report["judge"] = review_answers(records, JudgeClient.from_config(jc), reports / REVIEWS, jc.categories)
-    report_path = reports / REPORT
+    report_path = reports / EVAL_REPORT
     write_json_atomic(report_path, report)
     return EvalResult(report_path, reports / ANSWERS, report)
 
@@ -236,9 +234,9 @@ def evaluate(cfg: PipelineConfig) -> EvalResult:
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     model_dir = cfg.path("models") / "hf"
-    if not (model_dir / "export_info.json").is_file():
+    if not (model_dir / EXPORT_INFO).is_file():
         raise FileNotFoundError(f"{model_dir} holds no converted model: run the checkpoint conversion first")
-    info = json.loads((model_dir / "export_info.json").read_text())
+    info = json.loads((model_dir / EXPORT_INFO).read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     torch.manual_seed(cfg.seed)

@@ -26,6 +26,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from llava_core.artifacts import sha256_file
+
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 HEX40 = re.compile(r"[0-9a-f]{40}")
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -129,14 +131,6 @@ def extract_all(folder: Path) -> list[Path]:
 def _progress(total: int | None, desc: str, initial: int = 0) -> tqdm:
     # disable=None: bars on a terminal, silent in logs and tests
     return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None)
-
-
-def sha256_file(path: Path, chunk: int = MIB) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- HTTP(S) ----------------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_core.config import PROMPT_SUFFIXES
-from llava_core.images import check_image, load_rgb
-from llava_core.prompts import check_style
+from llava_core.artifacts import EXPORT_INFO, IMPORT_INFO, MODEL_CONFIG, RUN_CONFIG
+from llava_core.data.images import check_image, load_rgb
+from llava_core.data.prompts import PROMPT_SUFFIXES, check_style
 
 FORMATS = ("training", "hf", "llava")
 DEFAULT_STYLE = "vicuna_v1"
@@ -40,7 +40,7 @@ class PredictResult:
 def detect_format(folder: Path) -> str:
     """'training', 'hf' or 'llava', from the files in `folder`; an error names what each format holds."""
     folder = Path(folder)
-    if (folder / "model_config.json").is_file() and (folder / "model.safetensors").is_file():
+    if (folder / MODEL_CONFIG).is_file() and (folder / "model.safetensors").is_file():
         return "training"
     if (folder / "text_model_llava" / "config.json").is_file():
         return "llava"
@@ -59,9 +59,9 @@ def detect_format(folder: Path) -> str:
 def _style_of(folder: Path) -> str | None:
     """The prompt style recorded next to a converted or trained model, if any."""
     candidates = (
-        ("export_info.json", ("prompt_style",)),
-        ("import_info.json", ("prompt_style",)),
-        ("run_config.json", ("hdf5", "phase2", "prompt_style")),
+        (EXPORT_INFO, ("prompt_style",)),
+        (IMPORT_INFO, ("prompt_style",)),
+        (RUN_CONFIG, ("hdf5", "phase2", "prompt_style")),
     )
     for name, path in candidates:
         f = folder / name
@@ -77,8 +77,9 @@ def _style_of(folder: Path) -> str | None:
 def load_for_inference(folder: Path, prompt_style: str | None = None) -> InferenceModel:
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from llava_core.checkpoint import hf_from_training, load_llava_original
-    from llava_core.model import load_model
+    from llava_core.model.hf import hf_from_training
+    from llava_core.model.llava import load_model
+    from llava_core.model.original import load_llava_original
 
     folder = Path(folder)
     fmt = detect_format(folder)
@@ -110,7 +111,7 @@ def predict(
     suffix: str = "none",
 ) -> PredictResult:
     """Answer `prompt` about `image` greedily with the model in `folder` (any of FORMATS)."""
-    from llava_core.evaluate import generate, with_suffix
+    from llava_core.evaluation.evaluate import generate, with_suffix
 
     if suffix not in PROMPT_SUFFIXES:
         raise ValueError(f"unknown suffix {suffix!r}; valid: {sorted(PROMPT_SUFFIXES)}")

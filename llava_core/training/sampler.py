@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from llava_core.hdf5 import NO_IMAGE
+from llava_core.data.hdf5_format import Hdf5Folder
 
 MEGABATCH = 8  # micro-batches per length-sorted group: sorting wider windows only adds order bias
 
@@ -26,31 +25,20 @@ class RecordInfo:
     length: np.ndarray  # (N,) int: attended tokens
 
 
-def _as_bytes(value: bytes | str) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
-
-
-def record_info(folder: Path, with_lengths: bool = True, block: int = 4096) -> RecordInfo:
+def record_info(folder: Path, with_lengths: bool = True) -> RecordInfo:
     """Modality and attended length of every example of an HDF5 folder, in the dataset's order.
 
-    The lengths need a pass over all token rows (the whole `data` array); without `with_lengths` only the
-    image paths are read and every length is 0.
+    The lengths need a pass over the key-padding rows; without `with_lengths` only the image paths are read and
+    every length is 0.
     """
-    import json
-
-    params = json.loads((Path(folder) / "data_params.json").read_text())
     images, lengths = [], []
-    for f in params["files"]:
-        with h5py.File(Path(folder) / f["file"], "r") as h5:
-            n = h5["data"].shape[0]
-            for start in range(0, n, block):
-                paths = h5["img_path"][start : start + block, 0]
-                if with_lengths:
-                    pad = h5["data"][start : start + block, 3, :]  # (b, MSL), 1 = do not attend
-                    lengths.append((pad == 0).sum(axis=1))
-                else:
-                    lengths.append(np.zeros(len(paths), dtype=np.int64))
-                images.append(np.array([_as_bytes(p) != NO_IMAGE for p in paths], dtype=bool))
+    data = Hdf5Folder(folder)
+    for block in data.blocks(rows=(3,) if with_lengths else ()):
+        images.append(np.array([p is not None for p in block.paths], dtype=bool))
+        if with_lengths:
+            lengths.append((block.data[:, 0, :] == 0).sum(axis=1))  # (b, MSL), 1 = do not attend
+        else:
+            lengths.append(np.zeros(len(block.paths), dtype=np.int64))
     if not lengths:
         return RecordInfo(np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
     return RecordInfo(np.concatenate(images), np.concatenate(lengths).astype(np.int64))

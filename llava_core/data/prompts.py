@@ -25,6 +25,12 @@ SYSTEM_PROMPTS: dict[str, str] = {
     ),
 }
 PROMPT_STYLES = ("plain", "vicuna_v1", "llava_v1")
+# The evaluation prompt suffixes (docs/formats.md), by the names `eval.suffixes` and questions use.
+PROMPT_SUFFIXES: dict[str, str] = {
+    "short_answer": "Answer the question using a single word or phrase.",
+    "multiple_choice": "Answer with the option's letter from the given choices directly.",
+    "none": "",
+}
 
 
 class Tokenizer(Protocol):

@@ -12,17 +12,17 @@ same source declaration and an intact folder transfers nothing.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_core import synthetic
-from llava_core.config import PipelineConfig, SourceConfig, partial_dir, replace_dir, staged, write_json_atomic
-from llava_core.fetch import HEX64, check_hf_revision, extract_all, fetch_hf, fetch_http, fetch_s3, sha256_file
-
-MANIFEST = "manifest.json"
+from llava_core.artifacts import MANIFEST, file_manifest
+from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomic
+from llava_core.config import SOURCE_KIND_OPTIONS, PipelineConfig, SourceConfig
+from llava_core.data import synthetic
+from llava_core.data.fetch import extract_all, fetch_hf, fetch_http, fetch_s3
+from llava_core.phases import choose
 
 
 @dataclass
@@ -35,11 +35,7 @@ class DownloadResult:
 
 
 def build_manifest(folder: Path, declaration: dict) -> dict:
-    files = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files.append({"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)})
-    return {"declaration": declaration, "files": files}
+    return {"declaration": declaration, "files": file_manifest(folder)}
 
 
 def manifest_intact(folder: Path, declaration: dict) -> bool:
@@ -54,7 +50,7 @@ def manifest_intact(folder: Path, declaration: dict) -> bool:
     if manifest.get("declaration") != declaration:
         return False
     return all(
-        (folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["size"] for f in manifest["files"]
+        (folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"] for f in manifest["files"]
     )
 
 
@@ -98,47 +94,7 @@ SOURCE_KINDS: dict[str, Callable[[SourceConfig, Path, Path], None]] = {
     "http": _fetch_http,
 }
 
-# the options each kind reads (generated: the generator's own options, checked by the generator)
-KIND_OPTIONS: dict[str, set[str] | None] = {
-    "generated": None,
-    "local": set(),
-    "hf": {"repo_type"},
-    "s3": {"endpoint_url", "region", "multipart_threshold", "multipart_chunksize", "max_concurrency", "max_attempts"},
-    "http": {"filename", "retries", "timeout_s", "backoff_s"},
-}
-
-
-def validate_source(src: SourceConfig) -> None:
-    """Per-kind checks of a declaration; raises ValueError naming the field and what is expected."""
-    kind = src.kind
-    if kind not in SOURCE_KINDS:
-        raise ValueError(f"unknown kind {kind!r}; valid: {sorted(SOURCE_KINDS)}")
-    valid = KIND_OPTIONS[kind]
-    if valid is not None and set(src.options) - valid:
-        raise ValueError(
-            f"options: unknown key(s) {sorted(set(src.options) - valid)} for kind {kind!r}; valid: {sorted(valid)}"
-        )
-    if kind == "generated" and not src.generator:
-        raise ValueError("a generated source needs 'generator'")
-    if kind != "generated" and not src.location:
-        raise ValueError(f"a {kind} source needs 'location'")
-    if src.revision is not None and kind != "hf":
-        raise ValueError(f"'revision' applies to hf sources only, not {kind!r}")
-    if src.sha256 is not None and kind != "http":
-        raise ValueError(f"'sha256' applies to http sources only, not {kind!r}")
-    if src.patterns and kind not in ("hf", "s3"):
-        raise ValueError(f"'patterns' applies to hf and s3 sources only, not {kind!r}")
-    if not isinstance(src.patterns, list) or not all(isinstance(p, str) for p in src.patterns):
-        raise ValueError("'patterns' must be a list of glob strings")
-    if kind == "hf":
-        check_hf_revision(src.location, src.revision)
-    if kind == "s3" and not src.location.startswith("s3://"):
-        raise ValueError(f"location {src.location!r}: an s3 source location must look like s3://bucket/prefix")
-    if kind == "http":
-        if not re.match(r"https?://", src.location):
-            raise ValueError(f"location {src.location!r}: an http source needs an http:// or https:// URL")
-        if not src.sha256 or not HEX64.fullmatch(src.sha256.lower()):
-            raise ValueError("an http source needs 'sha256' (64 hex characters) to verify the download")
+assert set(SOURCE_KINDS) == set(SOURCE_KIND_OPTIONS), "every source kind of the schema has a fetcher"
 
 
 def declaration_of(src: SourceConfig) -> dict:
@@ -154,14 +110,13 @@ def download(cfg: PipelineConfig, source: str, refetch: bool = False) -> Downloa
 
     An intact folder for the same declaration is kept as it is, unless `refetch` (the remote content
     changed under the same declaration, e.g. new objects under an S3 prefix)."""
-    if source not in cfg.sources:
-        raise KeyError(f"unknown source {source!r}; valid: {sorted(cfg.sources)}")
+    choose("source", source, cfg.sources)
     src = cfg.sources[source]
     declaration = declaration_of(src)
     dest = cfg.raw_dir(source)
     if not refetch and manifest_intact(dest, declaration):
         manifest = json.loads((dest / MANIFEST).read_text())
-        return DownloadResult(source, dest, len(manifest["files"]), sum(f["size"] for f in manifest["files"]), True)
+        return DownloadResult(source, dest, len(manifest["files"]), sum(f["bytes"] for f in manifest["files"]), True)
 
     tmp = partial_dir(dest)
     work = dest.with_name(f".{dest.name}.work")  # kept when a transfer fails, so the next run resumes
@@ -174,4 +129,4 @@ def download(cfg: PipelineConfig, source: str, refetch: bool = False) -> Downloa
         write_json_atomic(tmp / MANIFEST, manifest)
     replace_dir(tmp, dest)  # an outdated or damaged copy is replaced only once the new one is complete
     shutil.rmtree(work, ignore_errors=True)
-    return DownloadResult(source, dest, len(manifest["files"]), sum(f["size"] for f in manifest["files"]), False)
+    return DownloadResult(source, dest, len(manifest["files"]), sum(f["bytes"] for f in manifest["files"]), False)

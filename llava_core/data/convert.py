@@ -1,6 +1,6 @@
 """Stage 2, conversion: a downloaded source file -> LLaVA jsonl (REFERENCE.md section 3), with a report.
 
-Converters are chosen by name from `CONVERTERS` (llava_core/converters.py). Each yields candidate records; one validation pass keeps a
+Converters are chosen by name from `CONVERTERS` (llava_core/data/converters.py). Each yields candidate records; one validation pass keeps a
 record or drops it with a counted reason, so nothing disappears silently. Output and report are written
 through temporary names and renamed into place.
 """
@@ -14,10 +14,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llava_core.config import PipelineConfig, json_text, staged
-from llava_core.converters import CONVERTERS, ConvertInput, Drop  # noqa: F401  (Drop re-exported)
-from llava_core.images import ImageRejected, check_image, resolve_image
-from llava_core.prompts import placeholder_problem, text_is_valid_unicode
+from llava_core.atomic import json_text, staged
+from llava_core.config import PipelineConfig
+from llava_core.data.converters import CONVERTERS, ConvertInput, Drop  # noqa: F401  (Drop re-exported)
+from llava_core.data.images import ImageRejected, check_image, resolve_image
+from llava_core.data.prompts import placeholder_problem, text_is_valid_unicode
+from llava_core.phases import choose
 
 EXTRACTED = "extracted"  # images written by converters: data/raw/<source>/extracted/<dataset>/
 
@@ -86,24 +88,29 @@ def dataset_files(root: Path, file: str, folder_glob: str) -> list[Path]:
     return files
 
 
+def _source_files(cfg: PipelineConfig, dataset: str) -> list[Path]:
+    """The dataset's files in its source folder: present, and none of them empty."""
+    ds = cfg.datasets[choose("dataset", dataset, cfg.datasets)]
+    root = cfg.raw_dir(ds.source)
+    files = dataset_files(root, ds.file, CONVERTERS[ds.converter].folder_glob) if root.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{root / ds.file} not found (or matches no file): download source {ds.source!r} first")
+    empty = [str(p) for p in files if p.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"{', '.join(empty)}: empty file (0 bytes); nothing was converted")
+    return files
+
+
 def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> ConvertResult:
     """Convert one configured dataset to `data/jsonl/<dataset>.jsonl` and its `.report.json`.
 
     Converters that carry image bytes write them to `data/raw/<source>/extracted/<dataset>/`, first under a
     temporary name that is renamed into place together with the jsonl.
     """
-    if dataset not in cfg.datasets:
-        raise KeyError(f"unknown dataset {dataset!r}; valid: {sorted(cfg.datasets)}")
+    files = _source_files(cfg, dataset)
     ds = cfg.datasets[dataset]
     conv = CONVERTERS[ds.converter]
     root = cfg.raw_dir(ds.source)
-    src_file = root / ds.file
-    files = dataset_files(root, ds.file, conv.folder_glob) if root.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"{src_file} not found (or matches no file): download source {ds.source!r} first")
-    empty = [str(p) for p in files if p.stat().st_size == 0]
-    if empty:
-        raise ValueError(f"{', '.join(empty)}: empty file (0 bytes); nothing was converted")
     options = {**conv.options, **ds.options}
     if "seed" in options and options["seed"] is None:
         options["seed"] = cfg.seed
@@ -143,10 +150,10 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
             written += 1
         if not read:
             raise ValueError(f"{', '.join(str(p) for p in files)}: no records found; nothing was converted")
-    report_path = out_path.with_suffix(".report.json")
+    report_path = cfg.convert_report(dataset)
     report = {
         "dataset": dataset,
-        "source_file": str(src_file),
+        "source_file": str(root / ds.file),
         "files": [p.relative_to(root).as_posix() for p in files],
         "converter": ds.converter,
         "options": options,

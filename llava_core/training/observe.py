@@ -11,16 +11,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from llava_core.model import LlavaModel
+from llava_core.artifacts import LOSS_CURVE, METRICS  # noqa: F401  (re-exported)
 
-METRICS = "metrics.jsonl"
-LOSS_CURVE = "loss_curve.csv"
+log = logging.getLogger("llava_core.training")
+
+if TYPE_CHECKING:
+    from llava_core.model.llava import LlavaModel
+
 CURVE_FIELDS = ("step", "loss", "lr", "grad_norm")
 
 # Dense bf16 peak TFLOPs per device (vendor datasheets) by a substring of torch.cuda.get_device_name().
@@ -242,7 +245,7 @@ class TrainObserver:
         if self.bar is not None and not self.bar.disable:
             self.bar.write(line)
         else:
-            print(line, flush=True)
+            log.info(line)
         if self.pipes is not None:
             self.pipes.log.info(line)
 

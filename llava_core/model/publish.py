@@ -11,10 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_core.artifacts import EXPORT_INFO, MANIFEST, file_manifest
 from llava_core.config import PipelineConfig, PublishConfig
-from llava_core.sources import sha256_file
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -33,15 +31,12 @@ def s3_client(pc: PublishConfig):
 
 def upload_folder(client, folder: Path, bucket: str, prefix: str) -> tuple[int, int]:
     """Upload every file under `folder` to `prefix/`, then `prefix/manifest.json`; returns (files, bytes)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    manifest = []
-    for path in files:
-        rel = path.relative_to(folder).as_posix()
-        client.upload_file(str(path), bucket, f"{prefix}/{rel}")
-        manifest.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    manifest = file_manifest(folder, exclude=())
+    for entry in manifest:
+        client.upload_file(str(folder / entry["path"]), bucket, f"{prefix}/{entry['path']}")
     body = json.dumps({"files": manifest}, indent=2).encode()
     client.put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=body, ContentType="application/json")
-    return len(files), sum(m["bytes"] for m in manifest)
+    return len(manifest), sum(m["bytes"] for m in manifest)
 
 
 def publish(cfg: PipelineConfig, client=None) -> PublishResult:
@@ -53,7 +48,7 @@ def publish(cfg: PipelineConfig, client=None) -> PublishResult:
     uris, files, size = [], 0, 0
     for name in pc.models:
         folder = cfg.path("models") / name
-        if not (folder / "export_info.json").is_file():
+        if not (folder / EXPORT_INFO).is_file():
             raise FileNotFoundError(f"{folder} holds no converted model: run the export for {name!r} first")
         prefix = f"{pc.prefix.strip('/')}/{name}" if pc.prefix.strip("/") else name
         n, b = upload_folder(client, folder, pc.bucket, prefix)

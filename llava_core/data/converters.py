@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llava_core.prompts import IMAGE_PLACEHOLDER
+from llava_core.data.prompts import IMAGE_PLACEHOLDER
 
 
 class Drop(Exception):

@@ -26,14 +26,13 @@ from transformers import (
     PretrainedConfig,
 )
 
+from llava_core.artifacts import MODEL_CONFIG, WEIGHTS
+
 if TYPE_CHECKING:
     from llava_core.config import PipelineConfig
 
-MODEL_CONFIG = "model_config.json"
-WEIGHTS = "model.safetensors"
 
-
-def _vision_config_of(cfg: PretrainedConfig) -> CLIPVisionConfig:
+def vision_config_of(cfg: PretrainedConfig) -> CLIPVisionConfig:
     """A full CLIP config (as in openai/clip-vit-large-patch14-336) carries the vision part inside."""
     return cfg.vision_config if hasattr(cfg, "vision_config") else cfg
 
@@ -43,7 +42,7 @@ def vision_geometry(cfg: PipelineConfig) -> tuple[int, int]:
     m = cfg.model
     if m.vision_config is not None:
         return int(m.vision_config["image_size"]), int(m.vision_config["patch_size"])
-    vc = _vision_config_of(AutoConfig.from_pretrained(cfg.resolve_file(m.vision_pretrained)))
+    vc = vision_config_of(AutoConfig.from_pretrained(cfg.resolve_file(m.vision_pretrained)))
     return int(vc.image_size), int(vc.patch_size)
 
 
