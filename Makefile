@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 
 # --compile-bytecode: what pip does by default and uv does not. Without the .pyc files every process compiles
 # torch, transformers, dagster... again (PYTHONDONTWRITEBYTECODE or a read-only venv): 2-3x slower start of each
-# stage process, DVC stage and Dagster step (README "Performance").
+# stage process, DVC stage and Dagster step (docs/performance.md).
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9

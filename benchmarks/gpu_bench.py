@@ -8,7 +8,7 @@ training loop runs: LlavaModel forward, masked loss, backward, clipping, AdamW):
   only `--layers` of the 32 so it fits one GPU with full AdamW state, behind the same CLIP tower, with the
   recipe's phase-1 (projector only) and phase-2 (projector + LM) freezing.
 The projection divides the 7B recipe's training FLOPs (observe.train_flops over the real 32-layer model:
-558K phase-1 samples, 665K phase-2 samples, REFERENCE.md section 2) by 8 devices x peak x the MFU measured
+558K phase-1 samples, 665K phase-2 samples, docs/stages.md, the recipe) by 8 devices x peak x the MFU measured
 on the 7B-shaped layers of the same phase, and sets it beside the published 8xA100 times (3.5 h and 10 h),
 with the MFU those published times imply on A100 (312 TFLOPs bf16).
 
@@ -70,7 +70,7 @@ TINY_VISION = _TINY["vision_config"]
 TINY_TEXT = {**_TINY["text_config"], "vocab_size": 774}
 
 FREEZE = {"phase1": ["^image_model", "^text_model"], "phase2": ["^image_model"]}
-# The LLaVA-1.5-7B recipe (REFERENCE.md section 2) and what a sample holds. The text lengths are assumptions
+# The LLaVA-1.5-7B recipe (docs/stages.md, the recipe) and what a sample holds. The text lengths are assumptions
 # (BLIP captions are short; the 665K mix has multi-turn conversations): change them with the flags.
 RECIPE = {
     "phase1": {"samples": 558_128, "global_batch": 256, "published_hours_8xA100": 3.5},

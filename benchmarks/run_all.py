@@ -3,7 +3,7 @@
     python -m benchmarks [--quick] [--only hdf5,loader,...] [--out DIR]
     python -m benchmarks --only pipeline --workspace default    # the orchestration on make demo's workspace
 
-Writes `<out>/results.json` (figures, details, the machine) and `<out>/results.md` (the table the README
+Writes `<out>/results.json` (figures, details, the machine) and `<out>/results.md` (the table docs/performance.md
 shows); `--quick` (small sizes: checks that everything runs, figures not meaningful) writes
 `results_quick.json` / `results_quick.md` instead, `--workspace default` (the pipeline benchmark on the
 embedded default workspace, about 25 min) `results_default_workspace.*`. Exit status 1 when a benchmark failed

@@ -25,7 +25,7 @@ from orchestration.resources import PipelineSettings, S3Resource, default_params
 ENVIRONMENTS = ("local", "s3")
 # What each step process needs imported before it starts. A step process forks from a server that imported these
 # once per run (forkserver), instead of a fresh interpreter importing Dagster, this code location and its stage's
-# libraries each time (spawn, Dagster's default): on 2 cores that cost 4-10 s per step (README "Performance").
+# libraries each time (spawn, Dagster's default): on 2 cores that cost 4-10 s per step (docs/performance.md).
 # The server only imports: no torch op runs and no thread starts in it before it forks.
 STEP_PRELOAD = [
     "dagster._core.executor.multiprocess",  # Dagster's own advice: first

@@ -1,4 +1,4 @@
-"""HDF5 stage on a tiny synthetic workspace, read back with plain h5py (REFERENCE.md section 6)."""
+"""HDF5 stage on a tiny synthetic workspace, read back with plain h5py (docs/formats.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image checks and the CLIP 'pad' transform (REFERENCE.md section 6, loader image transform)."""
+"""Image checks and the CLIP 'pad' transform (docs/formats.md, the loader image transform)."""
 
 from __future__ import annotations
 

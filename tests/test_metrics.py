@@ -1,4 +1,4 @@
-"""Answer normalisation and the evaluation metrics, against hand-computed values (REFERENCE.md section 8)."""
+"""Answer normalisation and the evaluation metrics, against hand-computed values (docs/evaluation.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2, conversion: a downloaded source file -> LLaVA jsonl (REFERENCE.md section 3), with a report.
+"""Stage 2, conversion: a downloaded source file -> LLaVA jsonl (docs/formats.md), with a report.
 
 Converters are chosen by name from `CONVERTERS` (llava_core/data/converters.py). Each yields candidate records; one validation pass keeps a
 record or drops it with a counted reason, so nothing disappears silently. Output and report are written

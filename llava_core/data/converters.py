@@ -1,4 +1,4 @@
-"""Stage 2 converters: one per upstream format (REFERENCE.md section 4), chosen by name from `CONVERTERS`.
+"""Stage 2 converters: one per upstream format (docs/stages.md lists them), chosen by name from `CONVERTERS`.
 
 A converter is a generator over the files of a downloaded source: it yields candidate LLaVA records (image
 paths relative to the source folder) or `Drop(reason)` for an input item it cannot use. A whole file that

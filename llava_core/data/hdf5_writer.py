@@ -1,4 +1,4 @@
-"""Stage 3, HDF5: tokenised LLaVA examples with image slots and loss masks (REFERENCE.md section 6).
+"""Stage 3, HDF5: tokenised LLaVA examples with image slots and loss masks (docs/formats.md).
 
 Layout (Cerebras ModelZoo compatible): files `data-<chunk>.h5`, each with attribute `n_examples`, a dataset
 `data` int32 (N, 4, MSL) whose rows are input_ids, loss_mask, labels (= input_ids shifted left by one) and

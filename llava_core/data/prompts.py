@@ -255,7 +255,7 @@ def count_image_placeholders(conversations: list[dict]) -> int:
 def placeholder_problem(conversations: list[dict], has_image: bool) -> str | None:
     """The counted rejection reason when the `<image>` placeholders do not fit the record, else None.
 
-    REFERENCE.md section 3: `<image>` appears exactly once, in the first human turn, when the record has an
+    docs/formats.md (the jsonl record): `<image>` appears exactly once, in the first human turn, when the record has an
     image, and never in a text-only record (the encoder would otherwise move or drop it silently).
     """
     n = count_image_placeholders(conversations)

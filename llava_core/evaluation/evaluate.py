@@ -1,7 +1,7 @@
 """Stage 5b, evaluation: batched greedy answers from the converted HF model, scored per question category.
 
 Input is a LLaVA `model_vqa`-style question file (question_id, image, text, answers, and a `category` or `task`
-that picks the metric in `eval.metrics`). Each question gets an evaluation suffix (REFERENCE.md section 8):
+that picks the metric in `eval.metrics`). Each question gets an evaluation suffix (docs/evaluation.md):
 the question's own `suffix` (a `PROMPT_SUFFIXES` name), else `eval.suffixes[category]`, else
 `eval.prompt_suffix`; a text that already ends with it is left alone. Prompts are built by
 `prompts.encode_conversation` (the code that built the training data), with the image slots set to the `<image>`

@@ -1,4 +1,4 @@
-"""Answer normalisation and the evaluation metrics, without torch (REFERENCE.md section 8).
+"""Answer normalisation and the evaluation metrics, without torch (docs/evaluation.md).
 
 Every metric in `METRICS` takes (predictions, reference answer lists) and returns a dict whose `accuracy` is the
 headline score (the one averaged into `overall_accuracy`), plus the metric's own figures:

@@ -105,7 +105,7 @@ class LlavaModel(nn.Module):
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Token cross-entropy times loss_mask, divided by the number of loss tokens (REFERENCE.md section 1)."""
+    """Token cross-entropy times loss_mask, divided by the number of loss tokens (docs/formats.md, "The model")."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
     mask = loss_mask.flatten().to(ce.dtype)
     n = mask.sum()
