@@ -41,8 +41,14 @@ def launch_command(cfg: PipelineConfig, phase: str, num_processes: int | None = 
     return cmd + ["-m", "llava_core.training.recipe", "--config-json", str(spec), "--phase", phase]
 
 
+# The training process's numbers must not depend on how busy the machine is: OpenMP and MKL may otherwise pick
+# fewer threads when other work runs (dynamic adjustment), which changes how sums are split and so the low bits
+# of every step. A user's own setting wins.
+DETERMINISTIC_THREADS = {"OMP_DYNAMIC": "FALSE", "MKL_DYNAMIC": "FALSE"}
+
+
 def launch_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return {**DETERMINISTIC_THREADS, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def finished(cfg: PipelineConfig, phase: str) -> TrainResult:
