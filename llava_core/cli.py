@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.params)
         spec = stage(_stage_name(args.command)) if _stage_name(args.command) else None
-        key = spec.check_key(cfg, args.key) if spec else None
+        key = spec.check_key(cfg, getattr(args, "key", None)) if spec else None  # export, evaluate: no key
     except (ConfigError, UnknownName) as e:
         log.error(f"error: {e}")
         return 2
