@@ -115,7 +115,14 @@ def _no_params(args: argparse.Namespace) -> int:
         return 0
     from llava_core.evaluation.predict import predict
 
-    r = predict(args.model, args.image, args.prompt, args.max_new_tokens, args.prompt_style, args.suffix)
+    r = predict(
+        args.model,
+        args.image,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        prompt_style=args.prompt_style,
+        suffix=args.suffix,
+    )
     print(json.dumps({"answer": r.answer, "format": r.format, "prompt": r.prompt}, indent=2))
     return 0
 
