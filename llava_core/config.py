@@ -289,6 +289,11 @@ class ModelConfig(Schema):
         return self
 
 
+# checked per value, so an error's key path ends at the category (`eval.metrics.<category>`)
+MetricName = Literal[tuple(METRICS)]
+SuffixName = Literal[tuple(PROMPT_SUFFIXES)]
+
+
 class JudgeConfig(Schema):
     """A judge model behind an OpenAI-compatible endpoint (POST {base_url}/chat/completions), LLaVA-Bench style."""
 
@@ -312,29 +317,10 @@ class EvalConfig(Schema):
     max_new_tokens: Positive = Field(16, description="greedy decoding length")
     prompt_style: Literal[PROMPT_STYLES] = Field("vicuna_v1", description="the conversation layout")
     prompt_suffix: str = Field(PROMPT_SUFFIXES["short_answer"], description="appended to questions of other categories")
-    metrics: dict[str, str] = Field(default_factory=dict, description="category -> metric name")
-    default_metric: str = Field("exact_match", description="the metric of categories not in `metrics`")
-    suffixes: dict[str, str] = Field(default_factory=dict, description="category -> a PROMPT_SUFFIXES name")
+    metrics: dict[str, MetricName] = Field(default_factory=dict, description="category -> metric name")
+    default_metric: MetricName = Field("exact_match", description="the metric of categories not in `metrics`")
+    suffixes: dict[str, SuffixName] = Field(default_factory=dict, description="category -> a PROMPT_SUFFIXES name")
     judge: JudgeConfig | None = Field(None, description="optional judge review of the answers")
-
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: dict[str, str]) -> dict[str, str]:
-        for cat, metric in v.items():
-            _check_choice(metric, METRICS, f"metric (category {cat!r})")
-        return v
-
-    @field_validator("default_metric")
-    @classmethod
-    def _known_metric(cls, v: str) -> str:
-        return _check_choice(v, METRICS, "metric")
-
-    @field_validator("suffixes")
-    @classmethod
-    def _known_suffixes(cls, v: dict[str, str]) -> dict[str, str]:
-        for cat, name in v.items():
-            _check_choice(name, PROMPT_SUFFIXES, f"suffix (category {cat!r})")
-        return v
 
 
 class PublishConfig(Schema):
