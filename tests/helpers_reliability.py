@@ -396,11 +396,11 @@ class FaultedPipeline:
         self.records("hdf5-rerun", _lines(jsonl), list(range(params["examples"])))
 
     def _training(self) -> None:
+        from llava_core.artifacts import TRAIN_SUMMARY
         from llava_core.params import load_config
         from llava_core.training.checkpointing import step_checkpoints, work_dir
         from llava_core.training.launch import train
         from llava_core.training.observe import read_metrics
-        from llava_core.training.recipe import SUMMARY
 
         cfg = load_config(self.params)
         moments = {
@@ -420,7 +420,7 @@ class FaultedPipeline:
                 f"train-{phase}", ["train", phase], lambda w=work, m=moment: m(w), cfg.checkpoint_dir(phase), rerun
             )
             out = cfg.checkpoint_dir(phase)
-            summary = json.loads((out / SUMMARY).read_text())
+            summary = json.loads((out / TRAIN_SUMMARY).read_text())
             steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
             fact.update(resumed_from=summary["resumed_from_step"], resume_point=resume_at[0], steps=summary["steps"])
             self.records(f"train-{phase}", summary["steps"], steps)

@@ -62,7 +62,9 @@ def build_tokenizer_folder(folder: Path, kind: str) -> Path:
     data["pre_tokenizer"] = json.loads(real_pre.__getstate__()) if real_pre is not None else None
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in specials]  # bytes: plain vocab
     tok = Tokenizer.from_str(json.dumps(data))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     config = {
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>",

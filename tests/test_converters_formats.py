@@ -68,9 +68,12 @@ def test_registry_names():
 
 
 def test_unknown_converter_and_option_name_the_valid_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown converter 'vqa'; valid: \['ai2d', 'arxivcap'"):
+    with pytest.raises(ConfigError, match=r"datasets\.d\.converter: unknown converter 'vqa'; valid: ai2d, arxivcap, "):
         make_cfg(tmp_path, "vqa", "x.json")
-    with pytest.raises(ConfigError, match=r"options: unknown key\(s\) \['split'\] for converter 'dvqa'; valid: "):
+    with pytest.raises(
+        ConfigError,
+        match=r"datasets\.d\.options: unknown key\(s\) \['split'\] for converter 'dvqa'; valid: \['image_folder'\]",
+    ):
         make_cfg(tmp_path, "dvqa", "x.json", options={"split": "val"})
 
 

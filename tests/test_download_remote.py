@@ -224,7 +224,7 @@ def test_http_interrupted_download_resumes(tmp_path):
     assert srv.requests[1] == ("/d/data.bin", f"bytes={len(PAYLOAD) // 2}-")  # resumed, not restarted
     assert len(srv.requests) == 2
     manifest = json.loads((dest / MANIFEST).read_text())
-    assert manifest["files"] == [{"path": "data.bin", "size": len(PAYLOAD), "sha256": sha(PAYLOAD)}]
+    assert manifest["files"] == [{"path": "data.bin", "bytes": len(PAYLOAD), "sha256": sha(PAYLOAD)}]
     assert manifest["declaration"]["sha256"] == sha(PAYLOAD)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["web"]
 

@@ -78,15 +78,13 @@ def test_hdf5_stage_deps_list_every_dataset_of_the_phase():
 def test_training_waits_for_the_validation_gate():
     """The gate writes the file training depends on, so `dvc repro` orders validate before train and stops
     at a failing validation; the gate reads the data the hdf5 stage wrote and its own settings."""
-    from llava_core.data.validate import validation_path
-
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     from llava_core.params import load_config
 
     cfg = load_config(PROJECT / "params.yaml")
     for phase in ("phase1", "phase2"):
         gate = stages[f"validate_{phase}"]
-        result = str(validation_path(cfg, phase).relative_to(PROJECT))
+        result = str(cfg.validation_path(phase).relative_to(PROJECT))
         assert gate["cmd"] == f"llava-pipeline validate {phase}"
         assert [next(iter(o)) if isinstance(o, dict) else o for o in gate["outs"]] == [result]
         assert f"data/hdf5/{phase}" in gate["deps"] and "llava_core/data/validate.py" in gate["deps"]

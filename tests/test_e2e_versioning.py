@@ -24,8 +24,8 @@ from dagster._utils.test.data_versions import get_stale_status_resolver  # the r
 from llava_core.params import load_config
 from orchestration.automation import latest_data_version
 from orchestration.definitions import build_assets, build_definitions
+from orchestration.dvc import DvcRepo
 from orchestration.resources import PipelineSettings
-from orchestration.versioning import DvcRepo
 from tests.conftest import PROJECT, dvc_project
 from tests.test_e2e_dvc import run
 

@@ -343,7 +343,7 @@ def test_reader_with_two_loader_workers_matches_direct_reads(ws):
     cfg, _ = ws
     ds = LlavaHdf5Dataset(cfg.hdf5_dir("phase2"), cfg.image_root, IMAGE_SIZE)
     direct = [ds[i] for i in range(len(ds))]  # opens handles in this process first
-    assert ds._handles
+    assert ds.data._handles
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(3)).tolist()  # random access
     loader = DataLoader(torch.utils.data.Subset(ds, order), batch_size=5, num_workers=2)
     got = {k: torch.cat([b[k] for b in loader]) for k in ("input_ids", "labels", "loss_mask", "pixel_values")}
@@ -351,7 +351,7 @@ def test_reader_with_two_loader_workers_matches_direct_reads(ws):
         assert torch.equal(value, torch.stack([direct[i][k] for i in order])), k
     # a spawned worker gets the dataset pickled: without the parent's handles, reading the same
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._handles == {} and torch.equal(clone[len(ds) - 1]["input_ids"], direct[-1]["input_ids"])
+    assert clone.data._handles == {} and torch.equal(clone[len(ds) - 1]["input_ids"], direct[-1]["input_ids"])
 
 
 def test_nothing_surviving_is_an_error_naming_the_reasons_and_leaves_nothing(tmp_path):

@@ -21,8 +21,8 @@ from assets.download import build_download_assets
 from llava_core.params import load_config
 from orchestration.automation import DEFAULT_RETRAIN_CRON, retrain_schedule
 from orchestration.definitions import build_definitions, build_jobs, build_resources
+from orchestration.dvc import DvcError, DvcIgnore, DvcRepo, dvc_hash
 from orchestration.resources import PipelineSettings, S3Resource
-from orchestration.versioning import DvcError, DvcIgnore, DvcRepo, dvc_hash
 from tests.conftest import PROJECT
 from tests.helpers_unit import base_params, write_params
 from tests.test_download_remote import PAYLOAD, Server, http_source
@@ -101,7 +101,9 @@ def test_weekly_retrain_schedule_requests_the_full_job(monkeypatch):
     monkeypatch.setenv("LLAVA_RETRAIN_CRON", "30 1 * * *")
     assert build_definitions().resolve_schedule_def("weekly_retrain").cron_schedule == "30 1 * * *"
     job = build_jobs()["llava_pipeline"]
-    with pytest.raises(ValueError, match=r"LLAVA_RETRAIN_CRON='every monday' is not a cron expression"):
+    with pytest.raises(
+        ValueError, match=r"LLAVA_RETRAIN_CRON='every monday': not a valid schedule \(e\.g\. '0 3 \* \* 1'\)"
+    ):
         retrain_schedule(job, cron="every monday")
 
 

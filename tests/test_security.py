@@ -163,7 +163,13 @@ def test_dvc_credentials_go_to_the_machine_local_config_that_git_ignores(tmp_pat
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     r = subprocess.run(
-        [sys.executable, str(PROJECT / "scripts/dvc_remote.py"), "s3://bucket/cache", "--endpoint", "http://127.0.0.1:9"],
+        [
+            sys.executable,
+            str(PROJECT / "scripts/dvc_remote.py"),
+            "s3://bucket/cache",
+            "--endpoint",
+            "http://127.0.0.1:9",
+        ],
         cwd=repo,
         env=env,
         check=True,

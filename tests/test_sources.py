@@ -54,9 +54,9 @@ def test_generated_download_writes_matching_manifest(tmp_path):
     assert "images/pt_000000.png" in on_disk and "eval_images/ev_000000.png" in on_disk
     for rel, f in listed.items():
         assert f["sha256"] == sha(dest / rel)
-        assert f["size"] == (dest / rel).stat().st_size
+        assert f["bytes"] == (dest / rel).stat().st_size
     assert res.files == len(listed)
-    assert res.bytes == sum(f["size"] for f in listed.values())
+    assert res.bytes == sum(f["bytes"] for f in listed.values())
     assert manifest["declaration"] == {
         "kind": "generated",
         "generator": "synthetic_shapes",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -39,10 +40,21 @@ def test_export_llava_and_import_hf_commands(tmp_path, capsys):
 def test_run_all_exports_both_formats_before_evaluating(tmp_path, monkeypatch):
     cfg = load_config(eval_workspace(tmp_path))
     calls = []
-    for name in ("download", "convert", "hdf5", "validate", "train", "export", "export_llava", "evaluate"):
-        monkeypatch.setattr(pipeline, f"run_{name}", lambda cfg, *a, _n=name: calls.append(_n) or {})
-    pipeline.run_all(cfg, log=lambda msg: None)
-    assert calls[-3:] == ["export", "export_llava", "evaluate"]
+
+    def recorder(name):
+        return lambda cfg, *key: calls.append(" ".join([name, *key])) or {"ran": name}
+
+    fakes = tuple(dataclasses.replace(s, run=recorder(s.name)) for s in pipeline.STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", fakes)
+    logged = []
+    result = pipeline.run_all(cfg, log=logged.append)
+    assert calls[-3:] == ["export_hf", "export_llava", "evaluate"]
+    assert calls.index("train phase2") < calls.index("export_hf")
+    # the result is keyed by stage name (per key for the stages that repeat), with each step's seconds
+    assert list(result) == ["seconds", *(s.name for s in pipeline.STAGES)]
+    assert result["train"] == {"phase1": {"ran": "train"}, "phase2": {"ran": "train"}}
+    assert result["evaluate"] == {"ran": "evaluate"}
+    assert logged == [f"==> {step}" for step in result["seconds"]] and len(logged) == len(calls)
 
 
 def test_stage_log_has_one_line_per_command(tmp_path, monkeypatch):
@@ -51,17 +63,20 @@ def test_stage_log_has_one_line_per_command(tmp_path, monkeypatch):
     log = tmp_path / "stages.jsonl"
     monkeypatch.setenv("LLAVA_STAGE_LOG", str(log))
     assert main(["--params", str(params), "download", "synthetic_shapes"]) == 0
-    with pytest.raises(KeyError, match="unknown dataset"):
-        main(["--params", str(params), "convert", "no_such_dataset"])
+    # a stage that fails while it runs (its input is missing) is logged with exit status 1
+    with pytest.raises(FileNotFoundError, match="run the conversion stage first"):
+        main(["--params", str(params), "hdf5", "phase1"])
+    # a key that does not exist is refused before any stage runs: exit status 2, nothing logged
+    assert main(["--params", str(params), "convert", "no_such_dataset"]) == 2
     done, failed = (json.loads(line) for line in log.read_text().splitlines())
     assert done["stage"] == "download synthetic_shapes" and done["exit"] == 0
     assert done["seconds"] >= 0 and done["peak_rss_mib"] > 10  # at least the interpreter
-    assert failed["stage"] == "convert no_such_dataset" and failed["exit"] == 1
+    assert failed["stage"] == "hdf5 phase1" and failed["exit"] == 1
 
 
 def test_stages_are_the_cli_commands_in_dependency_order(tmp_path):
     cfg = load_config(eval_workspace(tmp_path))
-    assert [" ".join(s.cli) for s in pipeline.stages(cfg)] == [
+    assert [" ".join([s.command, *([k] if k else [])]) for s, k in pipeline.steps(cfg)] == [
         "download synthetic_shapes",
         "convert shapes_pretrain",
         "convert shapes_instruct",
@@ -82,10 +97,13 @@ def test_dvc_stages_for_stage_5():
     llava = stages["export_llava"]
     assert llava["cmd"] == "llava-pipeline export-llava"
     assert llava["outs"] == ["models/llava"]
-    assert {"checkpoints/phase2", "llava_core/model/formats.py"} <= set(llava["deps"])
+    assert {"checkpoints/phase2", "llava_core/model/original.py", "llava_core/model/weights.py"} <= set(llava["deps"])
+    hf = stages["export_hf"]
+    assert hf["cmd"] == "llava-pipeline export" and hf["outs"] == ["models/hf"]
+    assert {"checkpoints/phase2", "llava_core/model/hf.py", "llava_core/model/weights.py"} <= set(hf["deps"])
     ev = stages["evaluate"]
     assert {"reports/eval.json": {"cache": False}} in ev["metrics"]
-    assert {"llava_core/evaluation/evaluate.py", "llava_core/evaluation/metrics.py", "llava_core/evaluation/judge.py"} <= set(ev["deps"])
+    assert "llava_core/evaluation" in ev["deps"]  # evaluate, metrics, judge, predict
 
 
 def test_params_without_the_new_keys_still_load(tmp_path):

@@ -16,12 +16,11 @@ import yaml
 from safetensors.torch import load_file
 
 from llava_core import pipeline
-from llava_core.artifacts import RESUME_KEY
+from llava_core.artifacts import RESUME_KEY, TRAIN_SUMMARY
 from llava_core.params import load_config
 from llava_core.training.checkpointing import ResumeMismatch, find_resume, resume_key, step_checkpoints, work_dir
 from llava_core.training.launch import launch_command, launch_env, train
 from llava_core.training.observe import read_metrics
-from llava_core.training.recipe import SUMMARY
 from llava_core.training.sampler import EpochBatches, record_info
 from tests.conftest import PROJECT, e2e_params
 
@@ -160,7 +159,7 @@ def test_two_cpu_processes_train_lora_phase2_and_checkpoint(tmp_path, data_root,
         merged["image_model.embeddings.patch_embedding.weight"],
         before["image_model.embeddings.patch_embedding.weight"],
     )
-    assert json.loads((r.path / SUMMARY).read_text())["steps"] == s["steps"]
+    assert json.loads((r.path / TRAIN_SUMMARY).read_text())["steps"] == s["steps"]
     assert [rec["step"] for rec in read_metrics(r.path / "metrics.jsonl")] == list(range(1, s["steps"] + 1))
     assert list((r.path / "tensorboard").glob("events.out.tfevents.*"))
     hf = pipeline.run_export(cfg)  # the merged checkpoint exports like any other

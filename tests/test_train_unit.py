@@ -77,11 +77,11 @@ def test_accelerate_configs_load_and_name_only_launch_options():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"resume": "sometimes"}, r"resume: 'sometimes'; valid: \['auto', 'never'\]"),
-        ({"keep_last": 0}, "keep_last >= 1"),
-        ({"save_every": -1}, "save_every must be >= 0"),
-        ({"lora": {"r": 0}}, "r must be >= 1"),
-        ({"lora": {"rank": 4}}, r"unknown key\(s\) \['rank'\]"),
+        ({"resume": "sometimes"}, r"train\.phase2\.resume: Input should be 'auto' or 'never' \(got 'sometimes'\)$"),
+        ({"keep_last": 0}, r"train\.phase2\.keep_last: Input should be greater than 0 \(got 0\)$"),
+        ({"save_every": -1}, r"train\.phase2\.save_every: Input should be greater than or equal to 0 \(got -1\)$"),
+        ({"lora": {"r": 0}}, r"train\.phase2\.lora\.r: Input should be greater than 0 \(got 0\)$"),
+        ({"lora": {"rank": 4}}, r"train\.phase2\.lora: unknown key 'rank'; valid: r, alpha, dropout, target_modules$"),
     ],
 )
 def test_bad_training_settings_are_errors(tmp_path, override, message):

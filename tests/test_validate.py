@@ -10,7 +10,7 @@ import pytest
 
 from llava_core.cli import main
 from llava_core.data.hdf5_writer import build_hdf5
-from llava_core.data.validate import hdf5_frame, validate_phase, validation_path
+from llava_core.data.validate import hdf5_frame, validate_phase
 from llava_core.params import load_config
 from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, small_workspace
 from tests.helpers_unit import base_params, write_params
@@ -30,7 +30,7 @@ def cfg(tmp_path_factory):
 def test_built_data_passes_and_results_sit_beside_the_hdf5(cfg, phase):
     r = validate_phase(cfg, phase)
     assert r.success, r.summary()
-    assert r.path == cfg.hdf5_dir(phase).with_name(f"{phase}.validation.json") == validation_path(cfg, phase)
+    assert r.path == cfg.hdf5_dir(phase).with_name(f"{phase}.validation.json") == cfg.validation_path(phase)
     saved = json.loads(r.path.read_text())
     assert saved["success"] is True and saved["phase"] == phase
     assert saved["hdf5"] == f"data/hdf5/{phase}"
@@ -38,8 +38,14 @@ def test_built_data_passes_and_results_sit_beside_the_hdf5(cfg, phase):
     assert saved["suites"]["hdf5"]["rows"] == examples
     assert saved["suites"]["jsonl"]["rows"] == 20 + (phase == "phase2")
     checked = {e["kwargs"].get("column") for e in saved["suites"]["hdf5"]["expectations"]}
-    assert {"seq_len", "max_token_id", "loss_tokens", "labels_are_shifted_inputs", "slot_padding_mask_ok",
-            "image_path_resolvable"} <= checked
+    assert {
+        "seq_len",
+        "max_token_id",
+        "loss_tokens",
+        "labels_are_shifted_inputs",
+        "slot_padding_mask_ok",
+        "image_path_resolvable",
+    } <= checked
     first = r.path.read_bytes()
     validate_phase(cfg, phase)
     assert r.path.read_bytes() == first  # no timestamps or random ids: DVC sees the same file
@@ -120,20 +126,36 @@ def test_bad_jsonl_records_and_the_discard_gate(tmp_path, capsys):
     bad = [
         "{broken",
         {"id": "odd", "conversations": [{"from": "human", "value": "Q?"}]},
-        {"id": "esc", "image": "../x.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]},
-        {"id": "two", "image": "synthetic_shapes/images/it_000000.png",
-         "conversations": [{"from": "human", "value": "<image>\n<image>\nQ?"}, {"from": "gpt", "value": "A"}]},
+        {
+            "id": "esc",
+            "image": "../x.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "two",
+            "image": "synthetic_shapes/images/it_000000.png",
+            "conversations": [{"from": "human", "value": "<image>\n<image>\nQ?"}, {"from": "gpt", "value": "A"}],
+        },
     ]
     cfg = small_workspace(tmp_path / "ws", extra={"shapes_instruct": bad})
     build_hdf5(cfg, "phase2")  # the writer rejects the 4 and counts them (4 of 24 > 5%)
     r = validate_phase(cfg, "phase2")
     jsonl = {e["kwargs"].get("column", "table"): e for e in r.suites["jsonl"].expectations if not e["success"]}
-    assert set(jsonl) == {"parsed", "key", "turns", "conversation_ok", "image_path_resolvable", "placeholders_match_image"}
+    assert set(jsonl) == {
+        "parsed",
+        "key",
+        "turns",
+        "conversation_ok",
+        "image_path_resolvable",
+        "placeholders_match_image",
+    }
     assert jsonl["turns"]["unexpected_count"] == 2  # the broken line (0 turns) and the odd one
     assert jsonl["parsed"]["examples"] == ["shapes_instruct.jsonl:21"]
     assert jsonl["conversation_ok"]["unexpected_count"] == 2  # the broken line and the odd one
     hdf5 = [e for e in r.suites["hdf5"].expectations if not e["success"]]
-    assert [(e["expectation"], e["kwargs"]) for e in hdf5] == [("expect_table_row_count_to_be_between", {"min_value": 23})]
+    assert [(e["expectation"], e["kwargs"]) for e in hdf5] == [
+        ("expect_table_row_count_to_be_between", {"min_value": 23})
+    ]
 
     # the same data passes the discard gate when the phase allows 20% rejections, still fails the jsonl suite
     params = base_params(tmp_path / "ws")
@@ -145,7 +167,10 @@ def test_bad_jsonl_records_and_the_discard_gate(tmp_path, capsys):
     assert main(["--params", str(tmp_path / "ws" / "params.yaml"), "validate", "phase2"]) == 1
     err = capsys.readouterr().err
     assert "validation of phase2 FAILED (7 of 21 expectations)" in err
-    assert "x parsed: column_values_to_be_in_set(value_set=[True]): 1 of 24 rows fail, e.g. shapes_instruct.jsonl:21" in err
+    assert (
+        "x parsed: column_values_to_be_in_set(value_set=[True]): 1 of 24 rows fail, e.g. shapes_instruct.jsonl:21"
+        in err
+    )
     assert "x table: table_row_count_to_be_between(min_value=23)" in err
 
 
