@@ -25,6 +25,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from llava_core.atomic import DiskFullError
 from llava_core.config import ConfigError, PipelineConfig
 from llava_core.data.prompts import PROMPT_STYLES, PROMPT_SUFFIXES
 from llava_core.params import load_config
@@ -145,7 +146,7 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig, spec: Stage | None, key,
     except JudgeError as e:  # the answers are already on disk
         log.error(f"error: judge review failed: {e}")
         return 1
-    except ValidationFailed as e:
+    except (ValidationFailed, FileNotFoundError, DiskFullError) as e:  # failed gate, missing input, full disk
         log.error(f"error: {e}")
         return 1
     print(json.dumps(result, indent=2, default=str))

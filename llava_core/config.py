@@ -20,7 +20,7 @@ from llava_core.artifacts import CONVERT_REPORT_SUFFIX, EVAL_REPORT, JSONL_SUFFI
 from llava_core.data.converters import CONVERTERS
 from llava_core.data.fetch import HEX64, check_hf_revision
 from llava_core.data.prompts import PROMPT_STYLES, PROMPT_SUFFIXES
-from llava_core.data.synthetic import ShapesOptions
+from llava_core.data.synthetic import GENERATORS
 from llava_core.evaluation.metrics import METRICS
 from llava_core.phases import PHASE_NAMES
 from llava_core.presets import PRESETS, RESOURCES  # noqa: F401  (RESOURCES re-exported)
@@ -38,7 +38,6 @@ SOURCE_KIND_OPTIONS: dict[str, frozenset[str] | None] = {
     ),
     "http": frozenset({"filename", "retries", "timeout_s", "backoff_s"}),
 }
-GENERATORS = {"synthetic_shapes": ShapesOptions}
 
 
 class ConfigError(ValueError):
@@ -108,14 +107,14 @@ class SourceConfig(Schema):
             if not self.generator:
                 raise ValueError("a generated source needs 'generator'")
             _check_choice(self.generator, GENERATORS, "generator")
-            valid_options = [f.name for f in dataclasses.fields(GENERATORS[self.generator])]
+            valid_options = [f.name for f in dataclasses.fields(GENERATORS[self.generator].options)]
             if set(self.options) - set(valid_options):
                 raise ValueError(
                     f"options: unknown key(s) {sorted(set(self.options) - set(valid_options))} for generator "
                     f"{self.generator!r}; valid: {', '.join(valid_options)}"
                 )
             try:
-                GENERATORS[self.generator](**self.options)
+                GENERATORS[self.generator].options(**self.options)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"options: {e}") from None
         elif not self.location:
@@ -228,7 +227,7 @@ class TrainPhaseConfig(Schema):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     group_by_modality_length: bool = Field(False, description="image and text-only records in separate batches")
     lora: LoraConfig | None = Field(None, description="LoRA on the LM (merged into the saved weights at the end)")
-    tensorboard: bool = Field(True, description="event files in <checkpoint>/tensorboard/")
+    tensorboard: bool = Field(True, description="TensorBoard event files in the checkpoint's tensorboard/ folder")
     peak_tflops: Annotated[float, Field(gt=0)] | None = Field(None, description="per-device peak for MFU")
 
     @field_validator("freeze")
@@ -301,11 +300,11 @@ class JudgeConfig(Schema):
     model: str = Field(description="the judge model's name")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="the variable holding the key; null: keyless")
     categories: list[str] = Field(default_factory=list, description="question categories to review; empty: all")
-    temperature: Annotated[float, Field(ge=0)] = 0.2
-    max_tokens: Positive = 1024
-    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    temperature: Annotated[float, Field(ge=0)] = Field(0.2, description="sampling temperature of the judge")
+    max_tokens: Positive = Field(1024, description="longest review the judge may write")
+    timeout_s: Annotated[float, Field(gt=0)] = Field(60.0, description="seconds to wait for one reply")
     max_retries: NonNegative = Field(2, description="extra attempts after a connection error, 429 or 5xx")
-    retry_wait_s: Annotated[float, Field(ge=0)] = 2.0
+    retry_wait_s: Annotated[float, Field(ge=0)] = Field(2.0, description="seconds before the first retry (grows)")
 
 
 class EvalConfig(Schema):
@@ -329,7 +328,7 @@ class PublishConfig(Schema):
     bucket: str = Field(min_length=1, description="the bucket")
     prefix: str = Field("llava-pipeline", description="key prefix")
     endpoint_url: str | None = Field(None, description="e.g. a MinIO or moto server; null: AWS")
-    region: str | None = None
+    region: str | None = Field(None, description="the bucket's region; null: boto3's default")
     models: list[Literal["hf", "llava"]] = Field(default_factory=lambda: ["hf"], description="folders under models/")
 
 
@@ -359,14 +358,14 @@ class PipelineConfig(Schema):
 
     preset: str = Field("tiny", description="the model preset the sections are merged over")
     seed: NonNegative = Field(0, description="data shuffling, training order")
-    workspace: Workspace = Field(default_factory=Workspace)
-    model: ModelConfig
-    sources: dict[str, SourceConfig] = Field(default_factory=dict)
-    datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
-    hdf5: dict[str, Hdf5PhaseConfig]
-    train: dict[str, TrainPhaseConfig]
-    eval: EvalConfig
-    publish: PublishConfig | None = None
+    workspace: Workspace = Field(default_factory=Workspace, description="where each stage writes")
+    model: ModelConfig = Field(description="the towers, the projector and the tokenizer (merged over the preset)")
+    sources: dict[str, SourceConfig] = Field(default_factory=dict, description="stage 1: name -> source")
+    datasets: dict[str, DatasetConfig] = Field(default_factory=dict, description="stage 2: name -> conversion")
+    hdf5: dict[str, Hdf5PhaseConfig] = Field(description="stage 3: phase -> settings (merged over the preset)")
+    train: dict[str, TrainPhaseConfig] = Field(description="stage 4: phase -> settings (merged over the preset)")
+    eval: EvalConfig = Field(description="stage 5b: the held-out evaluation")
+    publish: PublishConfig | None = Field(None, description="optional upload of the exported models to S3")
     base_dir: Path = Field(Path("."), exclude=True, description="the params file's folder (not a params key)")
 
     @field_validator("sources", "datasets")

@@ -5,10 +5,9 @@ once, and report every problem of the file at once, each with its key path, befo
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -159,11 +158,32 @@ def load_config(params_path: str | Path, overrides: dict | None = None) -> Pipel
 # --- the params reference (docs/params.md) ----------------------------------------------------------------------
 
 
-def _type_name(annotation: Any) -> str:
-    text = repr(annotation).replace("typing.", "")
-    text = re.sub(r"Annotated\[(\w+), .*?\]\]?", r"\1", text)
-    text = re.sub(r"<class '(\w+)'>", r"\1", text)
-    return text.replace("llava_core.config.", "")
+def _bounds(metadata) -> str:
+    """` (> 0, <= 1)` from pydantic/annotated-types constraints (also those inside a `Field(...)`)."""
+    flat = [c for m in metadata for c in (getattr(m, "metadata", None) or [m])]
+    ops = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "at least"))
+    found = [f"{op} {getattr(c, attr)}" for c in flat for attr, op in ops if getattr(c, attr, None) is not None]
+    return f" ({', '.join(found)})" if found else ""
+
+
+def _type_name(t: Any) -> str:
+    """A readable type for the params reference, without `|` (the table's separator)."""
+    origin, args = get_origin(t), get_args(t)
+    if t is type(None):
+        return "null"
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Annotated:
+        return _type_name(args[0]) + _bounds(args[1:])
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if isinstance(t, type) and issubclass(t, BaseModel):
+        return f"section ({t.__name__})"
+    return getattr(t, "__name__", str(t))
 
 
 def params_reference() -> str:
@@ -201,9 +221,13 @@ def params_reference() -> str:
         for key, field in model.model_fields.items():
             if field.exclude:
                 continue
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            meaning = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{key}` | `{_type_name(field.annotation)}` | `{default}` | {meaning} |")
+            kind = _type_name(field.annotation) + _bounds(field.metadata)
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.get_default(call_default_factory=True)
+                default = "(section defaults)" if isinstance(value, BaseModel) else f"`{value!r}`"
+            lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return "\n".join(lines) + "\n"
 
 

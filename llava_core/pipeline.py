@@ -2,8 +2,8 @@
 its inputs and its outputs. The CLI, the Dagster assets and `dvc.yaml` all read it (a test checks dvc.yaml).
 
 Each stage's `run(cfg, key)` calls the stage's one function (`sources.download`, `convert.convert`,
-`hdf5_writer.build_hdf5`, `validate.validate_phase`, `launch.train`, `formats.export_hf`,
-`formats.export_llava`, `evaluate.evaluate`) and returns a JSON-ready summary. Stage modules are imported
+`hdf5_writer.build_hdf5`, `validate.validate_phase`, `launch.train`, `hf.export_hf`, `original.export_llava`,
+`evaluate.evaluate`) and returns a JSON-ready summary. Stage modules are imported
 inside the runners: `dvc repro` starts one process per stage, and the data stages should not pay for
 importing torch and transformers.
 """

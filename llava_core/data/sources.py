@@ -55,12 +55,8 @@ def manifest_intact(folder: Path, declaration: dict) -> bool:
 
 
 def _fetch_generated(src: SourceConfig, dest: Path, work: Path) -> None:
-    generators: dict[str, Callable[[Path, dict], object]] = {
-        "synthetic_shapes": lambda d, o: synthetic.generate(d, synthetic.ShapesOptions(**o)),
-    }
-    if src.generator not in generators:
-        raise ValueError(f"unknown generator {src.generator!r}; valid: {sorted(generators)}")
-    generators[src.generator](dest, src.options)
+    generator = synthetic.GENERATORS[src.generator]  # the name was checked with the config
+    generator.generate(dest, generator.options(**src.options))
 
 
 def _fetch_local(src: SourceConfig, dest: Path, work: Path) -> None:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -292,3 +294,14 @@ def generate(folder: Path, options: ShapesOptions) -> dict[str, int]:
         for line in eval_lines:
             f.write(json.dumps(line) + "\n")
     return {"pretrain": len(pretrain), "instruct": len(instruct), "eval_questions": len(eval_lines)}
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A `kind: generated` source: its options (a dataclass that checks them) and the function that writes it."""
+
+    options: type
+    generate: Callable[[Path, Any], dict[str, int]]
+
+
+GENERATORS: dict[str, Generator] = {"synthetic_shapes": Generator(ShapesOptions, generate)}
