@@ -41,6 +41,7 @@ from benchmarks.common import (
     venv_env,
     write_params,
 )
+from llava_core.artifacts import TRAIN_SUMMARY
 
 REDUCED = {
     "source": {"num_pretrain": 192, "num_instruct": 192, "num_eval_images": 8},
@@ -48,17 +49,17 @@ REDUCED = {
 }
 QUICK = {"source": {"num_pretrain": 16, "num_instruct": 16, "num_eval_images": 2}, "train": {}}
 SIZES = {"reduced": REDUCED, "default": {"source": {}, "train": {}}, "quick": QUICK}  # default: params.yaml as is
-QUICK_GROUPS = ("download",)  # --quick: the first stage only (checks that every way runs; no figure to read)
-# what each stage's process imports before it does any work (its memory floor)
+QUICK_STAGES = ("download",)  # --quick: the first stage only (checks that every way runs; no figure to read)
+# what each stage's process imports before it does any work (its memory floor), by stage name
 FLOOR_MODULES = {
     "download": "llava_core.data.sources",
     "convert": "llava_core.data.convert",
     "hdf5": "llava_core.data.hdf5_writer, llava_core.data.tokenizer",
     "validate": "llava_core.data.validate",
     "train": "llava_core.training.recipe",
-    "export": "llava_core.model.formats",
-    "export_llava": "llava_core.model.formats",
-    "eval": "llava_core.evaluation.evaluate",
+    "export_hf": "llava_core.model.hf",
+    "export_llava": "llava_core.model.original",
+    "evaluate": "llava_core.evaluation.evaluate",
 }
 EXECUTORS = ("multiprocess", "in_process")  # the code location's default first (LLAVA_EXECUTOR)
 EXECUTOR_NOTE = {
@@ -73,11 +74,25 @@ def _params(root: str, size: str) -> dict:
     return tiny_params(Path(root), SIZES[size]["source"], SIZES[size]["train"])
 
 
-def _stages(params: Path, quick: bool) -> list:
+def _steps(params: Path, quick: bool) -> list:
+    """The (stage, key) steps of the chain (`--quick`: those of QUICK_STAGES)."""
     from llava_core.params import load_config
-    from llava_core.pipeline import stages
+    from llava_core.pipeline import steps
 
-    return [s for s in stages(load_config(params)) if not quick or s.group in QUICK_GROUPS]
+    return [(s, k) for s, k in steps(load_config(params)) if not quick or s.name in QUICK_STAGES]
+
+
+def _step_name(stage, key) -> str:
+    """As the CLI and LLAVA_STAGE_LOG name a step: `download synthetic_shapes`, `export-llava`."""
+    return stage.command if key is None else f"{stage.command} {key}"
+
+
+def _stage_of(step: str) -> str:
+    """The stage name of a step logged by the CLI (`export-llava` -> `export_llava`)."""
+    from llava_core.pipeline import STAGES
+
+    command = step.split()[0]
+    return next(s.name for s in STAGES if s.command == command)
 
 
 def _repo(repo: Path, size: str) -> Path:
@@ -107,7 +122,7 @@ def _dagster_home(home: Path) -> Path:
 
 def _loop_seconds(root: Path) -> float:
     """The training loops' own seconds in a workspace (each phase's train_summary.json), 0 without training."""
-    return sum(json.loads(p.read_text())["seconds"] for p in root.glob("checkpoints/*/train_summary.json"))
+    return sum(json.loads(p.read_text())["seconds"] for p in root.glob(f"checkpoints/*/{TRAIN_SUMMARY}"))
 
 
 def _du(path: Path) -> int:
@@ -124,10 +139,10 @@ def _direct(params: str, quick: bool) -> dict:
     if not quick:
         return {"seconds_by_stage": run_all(cfg, log=lambda _m: None)["seconds"]}
     seconds = {}
-    for stage in _stages(Path(params), quick):
+    for stage, key in _steps(Path(params), quick):
         t0 = time.perf_counter()
-        stage.run(cfg, *stage.args)
-        seconds[" ".join(stage.cli)] = round(time.perf_counter() - t0, 2)
+        stage.run(cfg) if key is None else stage.run(cfg, key)
+        seconds[_step_name(stage, key)] = round(time.perf_counter() - t0, 2)
     return {"seconds_by_stage": seconds}
 
 
@@ -146,7 +161,9 @@ def _dagster(params: str, home: str, job: str, stale_only: bool, quick: bool) ->
     out = {"code_location_load_s": time.perf_counter() - t0}
     job_def = defs.resolve_job_def(job)
     graph = defs.resolve_asset_graph()
-    keys = {k for k in job_def.asset_layer.executable_asset_keys if not quick or graph.get(k).group_name in QUICK_GROUPS}
+    keys = {
+        k for k in job_def.asset_layer.executable_asset_keys if not quick or graph.get(k).group_name in QUICK_STAGES
+    }
     selection = sorted(keys) if quick else None
     with dg.DagsterInstance.from_config(home) as instance:
         if stale_only:
@@ -195,58 +212,87 @@ def _in_process(args: list[str], env: dict | None = None) -> dict:
 
 def run(quick: bool = False, workspace: str = WORKSPACES[0]) -> dict:
     size = "quick" if quick else workspace
+    params_dict = _params(".", size)
+    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
+        m = _measure(Path(tmp), size, params_dict, quick)
+    source = params_dict["sources"]["synthetic_shapes"]["options"]
+    details = {
+        "workspace": size,
+        "source": source,
+        "train": params_dict["train"],
+        "workspace_bytes": m["workspace_bytes"],
+        "direct": m["direct"],
+        "dagster": m["dagster"],
+        "dagster_rerun": m["dagster_again"],
+        "dvc_repro_s": m["dvc"]["seconds"],
+        "dvc_stages": m["per_stage"],
+        "dvc_repro_again_s": m["dvc_again"]["seconds"],
+        "dvc_repro_again_output": m["dvc_again"]["output"][-2000:],
+        "import_floor_mib": m["floors"],
+        "training_loop_s": m["loops"],
+    }
+    return {"figures": _orchestration_figures(m, quick) + _memory_figures(m, source), "details": details}
+
+
+def _measure(tmp: Path, size: str, params_dict: dict, quick: bool) -> dict:
+    """Each way in its own workspace and processes: direct, Dagster with each executor (and its re-run), `dvc
+    repro` (and its re-run), then each stage's import floor."""
     job = "llava_data" if quick else "llava_pipeline"
     q = ["--quick"] if quick else []
-    with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
-        tmp = Path(tmp)
-        # 1. direct: the stage functions in one process
-        params_dict = _params(".", size)
-        direct_params = write_params(tmp / "direct/params.yaml", params_dict)
-        direct = _in_process(["direct", str(direct_params), *q])
-        loops = {"direct": _loop_seconds(direct_params.parent)}
+    # 1. direct: the stage functions in one process
+    direct_params = write_params(tmp / "direct/params.yaml", params_dict)
+    m: dict = {"direct": _in_process(["direct", str(direct_params), *q])}
+    m["loops"] = {"direct": _loop_seconds(direct_params.parent)}
+    # 2. Dagster on a real instance, in a git + DVC repository, with each executor
+    m["dagster"] = {}
+    for executor in EXECUTORS:
+        home = _dagster_home(tmp / f"dagster_home_{executor}")
+        params = _repo(tmp / f"dagster_repo_{executor}", size)
+        env = venv_env(LLAVA_PARAMS=str(params), DAGSTER_HOME=str(home), LLAVA_EXECUTOR=executor)
+        m["dagster"][executor] = _in_process(["dagster", str(params), str(home), job, *q], env)
+        m["loops"][executor] = _loop_seconds(params.parent)
+        if executor == EXECUTORS[0]:  # 3. what is not fresh, with nothing changed
+            m["dagster_again"] = _in_process(["dagster", str(params), str(home), job, "--stale-only", *q], env)
+    # 4. dvc repro, each stage logging its time and peak memory (LLAVA_STAGE_LOG); again, nothing changed
+    dvc_params = _repo(tmp / "dvc_repo", size)
+    log = tmp / "stages.jsonl"
+    targets = [s.dvc_name(k) for s, k in _steps(dvc_params, quick)] if quick else []
+    dvc_cmd = [sys.executable, "-m", "dvc", "repro", *targets]
+    m["dvc"] = check(timed_process(dvc_cmd, dvc_params.parent, venv_env(LLAVA_STAGE_LOG=str(log))), "dvc repro")
+    m["dvc_again"] = check(timed_process(dvc_cmd, dvc_params.parent), "dvc repro (nothing changed)")
+    m["per_stage"] = [json.loads(line) for line in log.read_text().splitlines()]
+    m["loops"]["dvc"] = _loop_seconds(dvc_params.parent)
+    m["workspace_bytes"] = sum(_du(dvc_params.parent / d) for d in ("data", "checkpoints", "models", "reports"))
+    # 5. each stage's import floor: a process that imports the stage's code and exits
+    m["floors"] = {}
+    for stage, _key in _steps(direct_params, quick):
+        module = FLOOR_MODULES[stage.name]
+        if module not in m["floors"]:
+            code = f"import llava_core.cli, {module}; print(llava_core.cli.peak_rss_mib())"
+            m["floors"][module] = float(
+                check(timed_process([sys.executable, "-c", code]), module)["output"].split()[-1]
+            )
+    return m
 
-        # 2. Dagster on a real instance, in a git + DVC repository, with each executor
-        dagster = {}
-        for executor in EXECUTORS:
-            home = _dagster_home(tmp / f"dagster_home_{executor}")
-            params = _repo(tmp / f"dagster_repo_{executor}", size)
-            env = venv_env(LLAVA_PARAMS=str(params), DAGSTER_HOME=str(home), LLAVA_EXECUTOR=executor)
-            dagster[executor] = _in_process(["dagster", str(params), str(home), job, *q], env)
-            loops[executor] = _loop_seconds(params.parent)
-            if executor == EXECUTORS[0]:  # 3. what is not fresh, with nothing changed
-                dagster_again = _in_process(["dagster", str(params), str(home), job, "--stale-only", *q], env)
 
-        # 4. dvc repro, each stage logging its time and peak memory (LLAVA_STAGE_LOG); again, nothing changed
-        dvc_params = _repo(tmp / "dvc_repo", size)
-        log = tmp / "stages.jsonl"
-        targets = [f"download@{s.args[0]}" for s in _stages(dvc_params, quick)] if quick else []
-        dvc_cmd = [sys.executable, "-m", "dvc", "repro", *targets]
-        dvc = check(timed_process(dvc_cmd, dvc_params.parent, venv_env(LLAVA_STAGE_LOG=str(log))), "dvc repro")
-        dvc_again = check(timed_process(dvc_cmd, dvc_params.parent), "dvc repro (nothing changed)")
-        per_stage = [json.loads(line) for line in log.read_text().splitlines()]
-        loops["dvc"] = _loop_seconds(dvc_params.parent)
-        workspace_bytes = sum(_du(dvc_params.parent / d) for d in ("data", "checkpoints", "models", "reports"))
-
-        # 5. each stage's import floor: a process that imports the stage's code and exits
-        floors = {}
-        for stage in _stages(direct_params, quick):
-            module = FLOOR_MODULES[stage.group]
-            if module not in floors:
-                code = f"import llava_core.cli, {module}; print(llava_core.cli.peak_rss_mib())"
-                floors[module] = float(check(timed_process([sys.executable, "-c", code]), module)["output"].split()[-1])
-
-    base = direct["seconds"]
+def _orchestration_figures(m: dict, quick: bool) -> list[dict]:
+    """Dagster (each executor) and dvc repro against the direct run; the re-runs with nothing changed."""
+    base, loops, dagster, dvc = m["direct"]["seconds"], m["loops"], m["dagster"], m["dvc"]
     what = "download stage" if quick else "whole pipeline"
-    stages_s = sum(r["seconds"] for r in per_stage)
+    job = "llava_data" if quick else "llava_pipeline"
+    stages_s = sum(r["seconds"] for r in m["per_stage"])
     direct_name = "direct: the stage functions in one process"
+
     def overhead(seconds: float, way: str) -> str:
         """The overhead, and the same without the training loops' own time (the same work each way, whose
         speed on a shared machine varies from run to run more than the orchestration costs)."""
         text = f"overhead {seconds - base:+.0f} s"
         if loops[way] or loops["direct"]:
             outside = (seconds - loops[way]) - (base - loops["direct"])
-            text += (f", {outside:+.0f} s outside the training loops ({outside / base:.0%} of direct; the loops took "
-                     f"{loops[way]:.0f} s here, {loops['direct']:.0f} s direct)")
+            text += (
+                f", {outside:+.0f} s outside the training loops ({outside / base:.0%} of direct; the loops took "
+                f"{loops[way]:.0f} s here, {loops['direct']:.0f} s direct)"
+            )
         return text
 
     figures = [
@@ -255,51 +301,33 @@ def run(quick: bool = False, workspace: str = WORKSPACES[0]) -> dict:
                note=f"{overhead(d['seconds'], executor)}; {EXECUTOR_NOTE[executor]}")
         for executor, d in dagster.items()
     ]  # fmt: skip
-    figures += [
+    again = m["dagster_again"]
+    return figures + [
         figure("orchestration", f"{what} through dvc repro", "s", dvc["seconds"], base, direct_name,
                ("ratio", "<=", MAX_OVERHEAD),
                note=f"{overhead(dvc['seconds'], 'dvc')}; the stage commands' own time {stages_s:.0f} s, DVC and "
                     f"the stage processes' start the rest"),
-        figure("orchestration", "re-run with nothing changed: dvc repro", "s", dvc_again["seconds"], dvc["seconds"],
-               "the first dvc repro", ("ours", "<", MAX_RERUN_S),
-               note="ran nothing" if "Running stage" not in dvc_again["output"] else "RAN A STAGE"),
+        figure("orchestration", "re-run with nothing changed: dvc repro", "s", m["dvc_again"]["seconds"],
+               dvc["seconds"], "the first dvc repro", ("ours", "<", MAX_RERUN_S),
+               note="ran nothing" if "Running stage" not in m["dvc_again"]["output"] else "RAN A STAGE"),
         figure("orchestration", "re-run with nothing changed: Dagster, materialise what is not fresh", "s",
-               dagster_again["seconds"], dagster[EXECUTORS[0]]["seconds"], "the first Dagster run",
+               again["seconds"], dagster[EXECUTORS[0]]["seconds"], "the first Dagster run",
                ("ours", "<", MAX_RERUN_S),
-               note="nothing stale, no run" if not dagster_again["ran"] else f"ran {dagster_again['not_fresh']}"),
+               note="nothing stale, no run" if not again["ran"] else f"ran {again['not_fresh']}"),
     ]  # fmt: skip
-    source = params_dict["sources"]["synthetic_shapes"]["options"]
-    note = f"{source['num_pretrain']} + {source['num_instruct']} records, workspace {workspace_bytes / 2**20:.0f} MiB"
-    figures += [
+
+
+def _memory_figures(m: dict, source: dict) -> list[dict]:
+    """Each stage's peak RSS under dvc repro beside its import floor."""
+    note = (
+        f"{source['num_pretrain']} + {source['num_instruct']} records, workspace {m['workspace_bytes'] / 2**20:.0f} MiB"
+    )
+    return [
         figure("memory", f"peak RSS: {r['stage']} (under dvc repro)", "MiB", r["peak_rss_mib"],
-               round(floors[FLOOR_MODULES[_group(r["stage"])]], 1), "its import floor (a process importing its code)",
-               note=note)
-        for r in per_stage
+               round(m["floors"][FLOOR_MODULES[_stage_of(r["stage"])]], 1),
+               "its import floor (a process importing its code)", note=note)
+        for r in m["per_stage"]
     ]  # fmt: skip
-    return {
-        "figures": figures,
-        "details": {
-            "workspace": size,
-            "source": source,
-            "train": params_dict["train"],
-            "workspace_bytes": workspace_bytes,
-            "direct": direct,
-            "dagster": dagster,
-            "dagster_rerun": dagster_again,
-            "dvc_repro_s": dvc["seconds"],
-            "dvc_stages": per_stage,
-            "dvc_repro_again_s": dvc_again["seconds"],
-            "dvc_repro_again_output": dvc_again["output"][-2000:],
-            "import_floor_mib": floors,
-            "training_loop_s": loops,
-        },
-    }
-
-
-def _group(stage: str) -> str:
-    """The `pipeline.Stage` group of a CLI stage name ("export-llava" -> "export_llava", "evaluate" -> "eval")."""
-    name = stage.split()[0]
-    return {"export-llava": "export_llava", "evaluate": "eval"}.get(name, name)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ def _workspace(root: Path, records: int, micro: int, accumulation: int) -> Path:
 def _prepare(params: Path):
     """Data for phase 2 and a phase-1 checkpoint holding the seeded initial weights (speed, not learning)."""
     from llava_core import pipeline
+    from llava_core.artifacts import TOKENIZER_DIR, TRAIN_SUMMARY
     from llava_core.atomic import write_json_atomic
     from llava_core.data.tokenizer import load_tokenizer
     from llava_core.model.llava import build_model, save_model
@@ -49,8 +50,8 @@ def _prepare(params: Path):
     special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     p1 = cfg.checkpoint_dir("phase1")
     save_model(build_model(cfg, len(tok), special), p1)
-    tok.save_pretrained(p1 / "tokenizer")
-    write_json_atomic(p1 / "train_summary.json", {"phase": "phase1", "note": "initial weights for the benchmark"})
+    tok.save_pretrained(p1 / TOKENIZER_DIR)
+    write_json_atomic(p1 / TRAIN_SUMMARY, {"phase": "phase1", "note": "initial weights for the benchmark"})
     return cfg
 
 

@@ -140,10 +140,10 @@ def test_two_cpu_processes_train_lora_phase2_and_checkpoint(tmp_path, data_root,
     # grouped batches never mix modalities, so the epoch may hold a partial batch more than 64 / 2
     per_rank = len(EpochBatches(record_info(cfg.hdf5_dir("phase2")), 2, cfg.seed, 2, 0, True))
     assert s["processes"] == 2 and s["steps"] == -(-per_rank // 2) and s["lora"]["r"] == 4
-    out = capfd.readouterr().out
-    saved = [line for line in out.splitlines() if line.startswith("[phase2] checkpoint step-")]
+    err = capfd.readouterr().err  # the training process's progress: logging, on stderr
+    saved = [line for line in err.splitlines() if line.startswith("[phase2] checkpoint step-")]
     assert saved == [f"[phase2] checkpoint step-{k:08d}" for k in range(2, s["steps"], 2)]
-    assert "2 process(es)" in out
+    assert "2 process(es)" in err
     # LoRA: the LM trains only through its adapters, the projector fully
     assert s["trainable_parameters"] < 100_000
     adapters = load_file(str(r.path / "adapter/adapter_model.safetensors"))
