@@ -462,7 +462,7 @@ class FaultedPipeline:
 
 
 def fault_figures(facts: dict[str, dict]) -> dict:
-    """What the README's reliability section quotes from the faulted pipeline."""
+    """What docs/reliability.md quotes from the faulted pipeline."""
     return {
         "sigkills": len(facts),
         "records": sum(f["expected"] for f in facts.values()),

@@ -41,6 +41,8 @@ from tests.helpers_reliability import (
 )
 from tests.helpers_unit import PROJECT, base_params, write_params
 
+RELIABILITY_PAGE = PROJECT / "docs" / "reliability.md"  # where the figures below are quoted
+
 FIRST_RUNS = {"download-first-run", "convert-first-run", "train-phase1", "train-phase2"}
 
 
@@ -57,13 +59,13 @@ def test_sigkill_then_rerun_completes_with_nothing_lost(faulted_pipeline, fault)
 
 
 @pytest.mark.e2e
-def test_the_readme_quotes_these_figures(faulted_pipeline):
+def test_the_reliability_page_quotes_these_figures(faulted_pipeline):
     f = fault_figures(faulted_pipeline.facts)
     print(f)
     assert (f["lost"], f["duplicated"]) == (0, 0)
-    readme = (PROJECT / "README.md").read_text()
-    assert f"{f['sigkills']} SIGKILLs in the faulted pipeline" in readme
-    assert f"{f['records']} records compared after the re-runs: 0 lost, 0 duplicated" in readme
+    page = RELIABILITY_PAGE.read_text()
+    assert f"{f['sigkills']} SIGKILLs in the faulted pipeline" in page
+    assert f"{f['records']} records compared after the re-runs: 0 lost, 0 duplicated" in page
 
 
 @pytest.mark.e2e
@@ -153,7 +155,7 @@ def test_transient_s3_errors_are_retried_and_the_download_is_byte_identical(tmp_
     assert len(failed) == len(proxy.seen) // 3 and {mode for mode, _ in proxy.failed} == set(FAULT_MODES)
     assert set(failed) <= set(proxy.passed)  # every failed request was retried, and the retry went through
     figures = f"{len(failed)} of its {len(proxy.seen)} requests failed once"
-    assert figures in (PROJECT / "README.md").read_text(), figures
+    assert figures in RELIABILITY_PAGE.read_text(), figures
 
 
 def test_without_retries_a_transient_s3_error_is_a_clear_error_and_nothing_is_published(
@@ -167,7 +169,7 @@ def test_without_retries_a_transient_s3_error_is_a_clear_error_and_nothing_is_pu
     assert not cfg.raw_dir("remote").exists() and hidden_leftovers(cfg.raw_dir("remote")) == []
 
 
-@pytest.mark.e2e  # DVC processes, as tests/test_e2e_versioning.py's push and pull
+@pytest.mark.e2e  # DVC processes, as tests/orchestration/test_e2e_versioning.py's push and pull
 def test_dvc_push_and_pull_through_transient_s3_errors_restore_byte_for_byte(tmp_path, venv_env, s3_endpoint, aws_env):
     import subprocess
     import sys
@@ -198,7 +200,7 @@ def test_dvc_push_and_pull_through_transient_s3_errors_restore_byte_for_byte(tmp
     methods = {(key[0], mode) for mode, key in proxy.failed}
     assert {("PUT", "503 SlowDown"), ("GET", "body cut off")} <= methods  # both directions were hit
     figures = f"{len(proxy.failed)} of their {len(proxy.seen)} requests failed once"
-    assert figures in (PROJECT / "README.md").read_text(), figures
+    assert figures in RELIABILITY_PAGE.read_text(), figures
 
 
 # --- a full disk --------------------------------------------------------------------------------------------

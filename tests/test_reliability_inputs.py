@@ -33,7 +33,7 @@ try (not repeated here), each by the test that tries it:
 | wrong field types | image not a string, empty image path | test_convert |
 | malformed params file | not YAML, not UTF-8, not a mapping | test_config (unknown keys, presets, values) |
 
-`python -m tests.test_reliability_inputs` prints the figures the README's reliability section quotes.
+`python -m tests.test_reliability_inputs` prints the figures docs/reliability.md quotes.
 """
 
 from __future__ import annotations
@@ -682,45 +682,48 @@ CASES = [*HDF5, *TOKENIZERS, *VALIDATE, *CONVERT, *DOWNLOAD, *EVALUATE, *CONFIG]
 
 # Bad inputs the per-stage tests already try (kind, test): not repeated in the corpus, counted in its figures.
 ELSEWHERE = [
-    *[("malformed jsonl", "tests/test_convert.py::test_each_drop_reason_is_counted")] * 7,  # not objects, fields
-    ("malformed jsonl", "tests/test_convert.py::test_json_not_an_array"),
-    ("malformed jsonl", "tests/test_hdf5.py::test_nothing_surviving_is_an_error_naming_the_reasons_and_leaves_nothing"),
-    ("truncated jsonl", "tests/test_convert.py::test_invalid_json_names_the_file"),
-    ("truncated jsonl", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    ("non-UTF-8 text", "tests/test_convert.py::test_not_utf8_names_the_file"),
-    ("missing image", "tests/test_convert.py::test_each_drop_reason_is_counted"),
-    ("missing image", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    ("missing image", "tests/test_images.py::test_missing_image"),
-    ("truncated image", "tests/test_convert.py::test_each_drop_reason_is_counted"),
-    ("truncated image", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    ("truncated image", "tests/test_images.py::test_truncated_png_is_undecodable"),
-    ("corrupt image", "tests/test_images.py::test_garbage_file_is_undecodable"),
-    ("corrupt image", "tests/test_images.py::test_decompression_bomb_is_rejected"),
-    ("corrupt image", "tests/test_images.py::test_too_small_image"),
-    ("GIF named .jpg", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    ("GIF named .jpg", "tests/test_images.py::test_gif_named_jpg_decodes"),
-    *[("`..` in image path", "tests/test_convert.py::test_each_drop_reason_is_counted")] * 2,
-    ("`..` in image path", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    *[("`..` in image path", "tests/test_images.py::test_resolve_rejects_paths_leaving_root")] * 2,
-    *[("absolute image path", "tests/test_convert.py::test_absolute_image_path_is_rejected")] * 2,
-    ("absolute image path", "tests/test_convert.py::test_absolute_path_rejected_without_prefix"),
-    *[("absolute image path", "tests/test_images.py::test_resolve_rejects_paths_leaving_root")] * 2,
-    ("link leaving the image root", "tests/test_images.py::test_resolve_rejects_symlink_leaving_root"),
-    *[("unsafe archive entry", "tests/test_download_remote.py::test_unsafe_tar_members_are_refused")] * 6,
-    ("unsafe archive entry", "tests/test_download_remote.py::test_http_zip_with_parent_entry_is_refused"),
-    ("unsafe archive entry", "tests/test_download_remote.py::test_zip_symlink_leaving_folder_is_refused"),
-    ("odd number of turns", "tests/test_convert.py::test_each_drop_reason_is_counted"),
-    ("odd number of turns", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    *[("<image> count mismatch", "tests/test_convert.py::test_each_drop_reason_is_counted")] * 4,
-    ("<image> count mismatch", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    ("longer than MSL", "tests/test_hdf5.py::test_rejections_are_counted_by_reason"),
-    *[("wrong field types", "tests/test_convert.py::test_each_drop_reason_is_counted")] * 2,
-    *[("wrong field types", "tests/test_images.py::test_resolve_rejects_empty")] * 2,
+    *[("malformed jsonl", "tests/data/test_convert.py::test_each_drop_reason_is_counted")] * 7,  # not objects, fields
+    ("malformed jsonl", "tests/data/test_convert.py::test_json_not_an_array"),
+    (
+        "malformed jsonl",
+        "tests/data/test_hdf5.py::test_nothing_surviving_is_an_error_naming_the_reasons_and_leaves_nothing",
+    ),
+    ("truncated jsonl", "tests/data/test_convert.py::test_invalid_json_names_the_file"),
+    ("truncated jsonl", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    ("non-UTF-8 text", "tests/data/test_convert.py::test_not_utf8_names_the_file"),
+    ("missing image", "tests/data/test_convert.py::test_each_drop_reason_is_counted"),
+    ("missing image", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    ("missing image", "tests/data/test_images.py::test_missing_image"),
+    ("truncated image", "tests/data/test_convert.py::test_each_drop_reason_is_counted"),
+    ("truncated image", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    ("truncated image", "tests/data/test_images.py::test_truncated_png_is_undecodable"),
+    ("corrupt image", "tests/data/test_images.py::test_garbage_file_is_undecodable"),
+    ("corrupt image", "tests/data/test_images.py::test_decompression_bomb_is_rejected"),
+    ("corrupt image", "tests/data/test_images.py::test_too_small_image"),
+    ("GIF named .jpg", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    ("GIF named .jpg", "tests/data/test_images.py::test_gif_named_jpg_decodes"),
+    *[("`..` in image path", "tests/data/test_convert.py::test_each_drop_reason_is_counted")] * 2,
+    ("`..` in image path", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    *[("`..` in image path", "tests/data/test_images.py::test_resolve_rejects_paths_leaving_root")] * 2,
+    *[("absolute image path", "tests/data/test_convert.py::test_absolute_image_path_is_rejected")] * 2,
+    ("absolute image path", "tests/data/test_convert.py::test_absolute_path_rejected_without_prefix"),
+    *[("absolute image path", "tests/data/test_images.py::test_resolve_rejects_paths_leaving_root")] * 2,
+    ("link leaving the image root", "tests/data/test_images.py::test_resolve_rejects_symlink_leaving_root"),
+    *[("unsafe archive entry", "tests/data/test_download_remote.py::test_unsafe_tar_members_are_refused")] * 6,
+    ("unsafe archive entry", "tests/data/test_download_remote.py::test_http_zip_with_parent_entry_is_refused"),
+    ("unsafe archive entry", "tests/data/test_download_remote.py::test_zip_symlink_leaving_folder_is_refused"),
+    ("odd number of turns", "tests/data/test_convert.py::test_each_drop_reason_is_counted"),
+    ("odd number of turns", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    *[("<image> count mismatch", "tests/data/test_convert.py::test_each_drop_reason_is_counted")] * 4,
+    ("<image> count mismatch", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    ("longer than MSL", "tests/data/test_hdf5.py::test_rejections_are_counted_by_reason"),
+    *[("wrong field types", "tests/data/test_convert.py::test_each_drop_reason_is_counted")] * 2,
+    *[("wrong field types", "tests/data/test_images.py::test_resolve_rejects_empty")] * 2,
 ]
 
 
 def figures() -> dict:
-    """What the README's reliability section quotes: bad inputs tried, of how many kinds."""
+    """What docs/reliability.md quotes: bad inputs tried, of how many kinds."""
     kinds = {c.kind for c in CASES} | {k for k, _ in ELSEWHERE}
     return {
         "corpus_cases": len(CASES),
@@ -916,12 +919,12 @@ def test_the_corpus_names_only_tests_that_exist():
     assert len({(c.stage, c.name) for c in CASES}) == len(CASES)  # the test ids are unique
 
 
-def test_the_readme_quotes_the_corpus_figures():
+def test_the_reliability_page_quotes_the_corpus_figures():
     from tests.helpers_unit import PROJECT
 
     f = figures()
     text = f"{f['bad_inputs']} bad inputs of {f['kinds']} kinds: {f['corpus_cases']} in the corpus"
-    assert text in (PROJECT / "README.md").read_text(), text
+    assert text in (PROJECT / "docs" / "reliability.md").read_text(), text
 
 
 if __name__ == "__main__":

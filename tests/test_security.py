@@ -4,7 +4,7 @@ did not write is loaded; archives cannot write outside their target.
 
 Archive extraction is tried in tests/test_reliability_inputs.py (the `download` cases: absolute, drive-letter and
 backslash members, FIFO and block devices, absolute hard links, damaged archives) and
-tests/test_download_remote.py (absolute and `..` members, links out of the folder, character devices).
+tests/data/test_download_remote.py (absolute and `..` members, links out of the folder, character devices).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from orchestration.definitions import build_definitions, build_jobs, build_resou
 from orchestration.dvc import DvcError, DvcIgnore, DvcRepo, dvc_hash
 from orchestration.resources import PipelineSettings, S3Resource
 from tests.conftest import PROJECT
+from tests.data.test_download_remote import PAYLOAD, Server, http_source
 from tests.helpers_unit import base_params, write_params
-from tests.test_download_remote import PAYLOAD, Server, http_source
 
 DATA = {"raw_synthetic_shapes", "jsonl_shapes_pretrain", "jsonl_shapes_instruct", "hdf5_phase1", "hdf5_phase2"}
 TRAIN = {"checkpoint_phase1", "checkpoint_phase2", "hf_model", "llava_model", "eval_report"}

@@ -1,4 +1,5 @@
-"""Stage 5 wiring: the CLI subcommands, the order in `run_all`, and the DVC stages (one implementation each)."""
+"""The stage table (`llava_core.pipeline`) and its users: the CLI subcommands, the order of `run_all`, the stage log,
+and dvc.yaml (its stages, commands, outputs and data deps as DVC reads them, against the table)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The evaluation package (llava_core/evaluation): answers, metrics, the judge, predict."""

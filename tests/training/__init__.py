@@ -1,0 +1,1 @@
+"""The training package (llava_core/training): the recipe, its launcher, sampler, dataset, observer and resume."""
