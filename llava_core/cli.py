@@ -4,7 +4,7 @@
 
 The stage commands come from the stage table (`llava_core.pipeline.STAGES`): download <source>, convert
 <dataset>, hdf5 <phase>, validate <phase>, train <phase>, export, export-llava, evaluate; `all` runs them in
-order. Besides them: judge, publish, import-hf, predict, params (the params reference). A key that does not
+order. Besides them: judge, publish, import-hf, import-llava, predict, params (the params reference). A key that does not
 exist, or a params file with problems, is one message naming the valid choices and exit status 2; data that
 fails its gate or a failing judge endpoint is one message and exit status 1.
 
@@ -63,10 +63,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("judge", help="judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json")
     sub.add_parser("publish", help="upload the converted models to S3 (the publish section)")
     sub.add_parser("params", help="print the params.yaml reference (every key, its type and meaning)")
-    imp = sub.add_parser("import-hf", help="a Hugging Face LLaVA folder -> a training-format checkpoint")
-    imp.add_argument("hf_dir", type=Path)
-    imp.add_argument("--out", type=Path, default=None, help="default: <checkpoints>/imported")
-    imp.add_argument("--prompt-style", default="vicuna_v1", choices=PROMPT_STYLES, help="sets the image start")
+    for command, what in (("import-hf", "a Hugging Face LLaVA folder"), ("import-llava", "an original-LLaVA checkpoint")):
+        imp = sub.add_parser(command, help=f"{what} -> a training-format checkpoint")
+        imp.add_argument("source_dir", type=Path)
+        imp.add_argument("--out", type=Path, default=None, help="default: <checkpoints>/imported")
+        imp.add_argument("--prompt-style", default="vicuna_v1", choices=PROMPT_STYLES, help="sets the image start")
     pr = sub.add_parser("predict", help="image + prompt -> answer, from a training, HF or original-LLaVA folder")
     pr.add_argument("--model", type=Path, required=True, help="checkpoints/phase2, models/hf or models/llava")
     pr.add_argument("--image", type=Path, required=True)
@@ -164,9 +165,14 @@ def _extra_command(args: argparse.Namespace, cfg: PipelineConfig) -> dict:
         from llava_core.model.publish import publish
 
         return plain(publish(cfg))
+    out = args.out or cfg.path("checkpoints") / "imported"
+    if args.command == "import-llava":
+        from llava_core.model.original import import_llava
+
+        return plain(import_llava(args.source_dir, out, args.prompt_style))
     from llava_core.model.hf import import_hf  # import-hf
 
-    return plain(import_hf(args.hf_dir, args.out or cfg.path("checkpoints") / "imported", args.prompt_style))
+    return plain(import_hf(args.source_dir, out, args.prompt_style))
 
 
 def _log_stage(args: argparse.Namespace, seconds: float, status: int) -> None:
