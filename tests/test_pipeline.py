@@ -7,7 +7,9 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from llava_core import pipeline
 from llava_core.cli import main
@@ -17,7 +19,7 @@ from tests.helpers_models import eval_workspace, write_checkpoint
 from tests.helpers_unit import PROJECT, base_params, write_params
 
 
-def test_export_llava_and_import_hf_commands(tmp_path, capsys):
+def test_export_and_import_commands(tmp_path, capsys):
     params = eval_workspace(tmp_path / "ws")
     cfg = load_config(params)
     write_checkpoint(cfg, load_tokenizer(cfg.resolve_file(cfg.model.tokenizer)))
@@ -36,6 +38,12 @@ def test_export_llava_and_import_hf_commands(tmp_path, capsys):
         and result["trimmed_rows"] == 0
     )
     assert (cfg.path("checkpoints") / "imported" / "train_summary.json").is_file()
+    # the original-LLaVA export comes back to the same weights through `import-llava`
+    back = cfg.path("checkpoints") / "from_llava"
+    assert main(["--params", str(params), "import-llava", str(llava), "--out", str(back)]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(back)
+    theirs, ours = load_file(back / "model.safetensors"), load_file(cfg.checkpoint_dir("phase2") / "model.safetensors")
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 def test_run_all_exports_both_formats_before_evaluating(tmp_path, monkeypatch):
