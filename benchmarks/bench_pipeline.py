@@ -41,6 +41,7 @@ from benchmarks.common import (
     venv_env,
     write_params,
 )
+from orchestration.dvc import dvc_executable
 
 REDUCED = {
     "source": {"num_pretrain": 192, "num_instruct": 192, "num_eval_images": 8},
@@ -88,7 +89,7 @@ def _repo(repo: Path, size: str) -> Path:
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(PROJECT / name, repo / name)
     params = write_params(repo / "params.yaml", _params(".", size))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+    for cmd in (["git", "init", "-q"], [dvc_executable(), "init", "-q"]):
         subprocess.run(cmd, cwd=repo, env=venv_env(), check=True, capture_output=True)
     return params
 
@@ -220,7 +221,7 @@ def run(quick: bool = False, workspace: str = WORKSPACES[0]) -> dict:
         dvc_params = _repo(tmp / "dvc_repo", size)
         log = tmp / "stages.jsonl"
         targets = [f"download@{s.args[0]}" for s in _stages(dvc_params, quick)] if quick else []
-        dvc_cmd = [sys.executable, "-m", "dvc", "repro", *targets]
+        dvc_cmd = [dvc_executable(), "repro", *targets]
         dvc = check(timed_process(dvc_cmd, dvc_params.parent, venv_env(LLAVA_STAGE_LOG=str(log))), "dvc repro")
         dvc_again = check(timed_process(dvc_cmd, dvc_params.parent), "dvc repro (nothing changed)")
         per_stage = [json.loads(line) for line in log.read_text().splitlines()]
