@@ -35,12 +35,12 @@ setup: $(STAMP)
 
 # scripts/setup_env.py: uv pip sync of the lock (bytecode compiled: without the .pyc files every stage process, DVC
 # stage and Dagster step compiles torch, transformers, dagster... again, 2-3x slower to start; docs/performance.md),
-# the project (editable), the DVC tool environment and the `dvc`/`gto` commands in $(VENV)/bin.
+# the project (editable), the DVC tool environment and the `dvc`/`gto` commands in $(VENV)/bin; then the stamp (the
+# other stamps go once the script starts changing the virtualenv: a refused set-up leaves the working one as it was).
 $(STAMP): pyproject.toml requirements-$(ACCEL_BUILD).lock requirements-dvc.lock scripts/setup_env.py
 	@$(if $(PYTHON),,echo "PY=$(PY): no such Python interpreter (3.11, 3.12 or 3.13 needed)" >&2; exit 2)
-	rm -f $(VENV)/.installed*
-	$(PYTHON) scripts/setup_env.py --accel $(ACCEL_BUILD) --venv $(VENV) --dvc-venv $(DVC_VENV) --wheels $(WHEELS)
-	touch $@
+	$(PYTHON) scripts/setup_env.py --accel $(ACCEL_BUILD) --venv $(VENV) --dvc-venv $(DVC_VENV) --wheels $(WHEELS) \
+	    --stamp $@
 
 demo: setup  ## the whole pipeline on the embedded default, then the eval report
 	$(VENV)/bin/llava-pipeline --params params.yaml all

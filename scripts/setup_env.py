@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -116,7 +117,9 @@ def check_python(version: tuple[int, int], executable: str) -> None:
 
 def run(cmd: list[str], **kw) -> None:
     print("+", " ".join(cmd), flush=True)
+    t0 = time.monotonic()
     subprocess.run(cmd, check=True, **kw)
+    print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
 
 
 def venv_version(venv: Path) -> tuple[int, int] | None:
@@ -216,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dvc-venv", type=Path, default=Path(".venv-dvc"))
     ap.add_argument("--wheels", type=Path, default=None, help="a folder of wheels to prefer for torch's CPU build")
     ap.add_argument("--uv-only", action="store_true", help="only the main virtualenv with uv (for `make lock`)")
+    ap.add_argument(
+        "--stamp", type=Path, help="touched when done; the virtualenv's other stamps (.installed*) go first"
+    )
     args = ap.parse_args(argv)
     try:
         version = sys.version_info[:2]
@@ -226,10 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Where torch comes from is settled before anything is made: an unreachable index leaves nothing half-done.
         source = torch_source(args.accel, locked_version(lock, "torch"), args.wheels, version)
+        for old in args.venv.glob(".installed*"):  # from here on the virtualenv is no longer what a stamp says
+            old.unlink()
         uv = ensure_uv(args.venv, pinned_uv())
         sync_main(uv, args.venv, lock, source, ROOT)
         sync_dvc(uv, args.dvc_venv, ROOT)
         write_shims(args.venv, args.dvc_venv)
+        if args.stamp:
+            args.stamp.touch()
     except SetupError as e:
         print(f"make setup: {e}", file=sys.stderr)
         return 2
