@@ -1,23 +1,46 @@
-# The few commands people type. `make demo` and `make test` set up the virtualenv first.
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-# Machines of this project carry a CPU build of torch in /opt/wheels; elsewhere PyPI's build is used.
-WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# The few commands people type. `make demo` and `make test` set up the virtualenvs first.
+
+# --- The environments (docs/install.md) ------------------------------------------------------------------------
+# PY: the interpreter the virtualenvs are made from (3.11, 3.12 or 3.13), e.g. `make setup PY=python3.12`.
+# ACCEL: the torch build: cpu, cuda (PyPI's CUDA build + DeepSpeed), or auto (cuda where `nvidia-smi -L` lists a GPU).
+# WHEELS: a folder of wheels searched first for torch's CPU build (this project's machines carry it in /opt/wheels).
+# DVC_VENV: DVC and GTO in their own environment; `dvc` and `gto` in $(VENV)/bin run them.
+PY       ?= python3
+ACCEL    ?= auto
+WHEELS   ?= /opt/wheels
+VENV     ?= .venv
+DVC_VENV ?= .venv-dvc
+VPY      := $(VENV)/bin/python
+
+# The base interpreter behind PY (also when PY is a venv's or pyenv's), and its version, for the stamp.
+PY_INFO  := $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2], getattr(sys, "_base_executable", sys.executable))' 2>/dev/null)
+PY_VER   := $(word 1,$(PY_INFO))
+PYTHON   := $(word 2,$(PY_INFO))
+ifeq ($(ACCEL),auto)
+  ACCEL_BUILD := $(if $(shell nvidia-smi -L 2>/dev/null | grep '^GPU '),cuda,cpu)
+else
+  ACCEL_BUILD := $(ACCEL)
+endif
+ifeq ($(filter cpu cuda,$(ACCEL_BUILD)),)
+  $(error ACCEL=$(ACCEL): choose cpu, cuda or auto)
+endif
+# One stamp per accelerator and Python: another ACCEL or PY re-runs the set-up (which swaps torch or remakes .venv).
+STAMP    := $(VENV)/.installed-$(ACCEL_BUILD)-py$(PY_VER)
+
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-fast lint bench lock dagster dvc-remote clean
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
-# --compile-bytecode: what pip does by default and uv does not. Without the .pyc files every process compiles
-# torch, transformers, dagster... again (PYTHONDONTWRITEBYTECODE or a read-only venv): 2-3x slower start of each
-# stage process, DVC stage and Dagster step (docs/performance.md).
-$(VENV)/.installed: pyproject.toml requirements.lock
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
-	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -r requirements.lock $(WHEELS)
-	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
-	touch $@
+# scripts/setup_env.py: uv pip sync of the lock (bytecode compiled: without the .pyc files every stage process, DVC
+# stage and Dagster step compiles torch, transformers, dagster... again, 2-3x slower to start; docs/performance.md),
+# the project (editable), the DVC tool environment and the `dvc`/`gto` commands in $(VENV)/bin; then the stamp (the
+# other stamps go once the script starts changing the virtualenv: a refused set-up leaves the working one as it was).
+$(STAMP): pyproject.toml requirements-$(ACCEL_BUILD).lock requirements-dvc.lock scripts/setup_env.py
+	@$(if $(PYTHON),,echo "PY=$(PY): no such Python interpreter (3.11, 3.12 or 3.13 needed)" >&2; exit 2)
+	$(PYTHON) scripts/setup_env.py --accel $(ACCEL_BUILD) --venv $(VENV) --dvc-venv $(DVC_VENV) --wheels $(WHEELS) \
+	    --stamp $@
 
 demo: setup  ## the whole pipeline on the embedded default, then the eval report
 	$(VENV)/bin/llava-pipeline --params params.yaml all
@@ -29,15 +52,31 @@ test-fast: setup  ## unit tests only
 	$(VENV)/bin/pytest -q -m "not e2e"
 
 bench: setup  ## every benchmark, each figure beside its baseline from the same run: benchmarks/results/results.{json,md}
-	$(PY) -m benchmarks
+	$(VPY) -m benchmarks
 
 lint: setup
 	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts benchmarks
 
-lock:  ## re-pin the whole dependency tree after changing pyproject.toml (torch stays the +cpu build)
-	rm -f requirements.lock.new
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 $(WHEELS) --no-header -o requirements.lock.new
-	mv requirements.lock.new requirements.lock
+# --- The locks ----------------------------------------------------------------------------------------------------
+# Three locks, each universal over Python 3.11-3.13 (pyproject's requires-python): the main environment with PyPI's
+# CUDA torch and DeepSpeed; the same tree with torch's CPU build, resolved from a copy of the cuda lock (its pins are
+# uv's preferences, so every shared package keeps the cuda lock's version); the DVC tool environment (--no-config:
+# pyproject's [tool.uv] settings are the main environment's). Pins already in a lock are kept where they still fit;
+# UPGRADE=1 moves every pin to the newest release.
+TORCH     := $(shell sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+TORCH_CPU := $(if $(wildcard $(WHEELS)/torch-$(TORCH)+cpu-*.whl),--find-links $(WHEELS),--torch-backend cpu)
+LOCK_OPTS := --universal --python-version 3.11
+UPGRADE_OPT := $(if $(UPGRADE),--upgrade,)
+
+lock:  ## re-pin requirements-{cuda,cpu,dvc}.lock after changing pyproject.toml (docs/install.md)
+	$(PYTHON) scripts/setup_env.py --accel cpu --venv $(VENV) --uv-only
+	echo "torch==$(TORCH)+cpu" > $(VENV)/torch-cpu-build.txt
+	export UV_CUSTOM_COMPILE_COMMAND="make lock"; set -e; \
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra dev --extra cuda $(LOCK_OPTS) $(UPGRADE_OPT) -o requirements-cuda.lock; \
+	cp requirements-cuda.lock requirements-cpu.lock; \
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra dev $(LOCK_OPTS) $(TORCH_CPU) -c $(VENV)/torch-cpu-build.txt \
+	    -o requirements-cpu.lock; \
+	$(VENV)/bin/uv pip compile -q --no-config --group pyproject.toml:dvc $(LOCK_OPTS) $(UPGRADE_OPT) -o requirements-dvc.lock
 
 
 DAGSTER_HOME ?= $(CURDIR)/.dagster_home
@@ -53,7 +92,7 @@ $(DAGSTER_HOME)/dagster.yaml: configs/dagster/dagster.yaml
 	cp $< $@
 
 dvc-remote: setup  ## the DVC S3 remote: make dvc-remote URL=s3://bucket/prefix [ENDPOINT=http://host:9000] [REGION=...]
-	$(PY) scripts/dvc_remote.py $(URL) $(if $(ENDPOINT),--endpoint $(ENDPOINT),) $(if $(REGION),--region $(REGION),)
+	$(DVC_VENV)/bin/python scripts/dvc_remote.py $(URL) $(if $(ENDPOINT),--endpoint $(ENDPOINT),) $(if $(REGION),--region $(REGION),)
 
 clean:  ## remove the workspace outputs (not the virtualenv)
 	rm -rf data checkpoints models reports

@@ -42,6 +42,7 @@ from benchmarks.common import (
     write_params,
 )
 from llava_core.artifacts import TRAIN_SUMMARY
+from orchestration.dvc import dvc_executable
 
 REDUCED = {
     "source": {"num_pretrain": 192, "num_instruct": 192, "num_eval_images": 8},
@@ -103,7 +104,7 @@ def _repo(repo: Path, size: str) -> Path:
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(PROJECT / name, repo / name)
     params = write_params(repo / "params.yaml", _params(".", size))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+    for cmd in (["git", "init", "-q"], [dvc_executable(), "init", "-q"]):
         subprocess.run(cmd, cwd=repo, env=venv_env(), check=True, capture_output=True)
     return params
 
@@ -257,7 +258,7 @@ def _measure(tmp: Path, size: str, params_dict: dict, quick: bool) -> dict:
     dvc_params = _repo(tmp / "dvc_repo", size)
     log = tmp / "stages.jsonl"
     targets = [s.dvc_name(k) for s, k in _steps(dvc_params, quick)] if quick else []
-    dvc_cmd = [sys.executable, "-m", "dvc", "repro", *targets]
+    dvc_cmd = [dvc_executable(), "repro", *targets]
     m["dvc"] = check(timed_process(dvc_cmd, dvc_params.parent, venv_env(LLAVA_STAGE_LOG=str(log))), "dvc repro")
     m["dvc_again"] = check(timed_process(dvc_cmd, dvc_params.parent), "dvc repro (nothing changed)")
     m["per_stage"] = [json.loads(line) for line in log.read_text().splitlines()]

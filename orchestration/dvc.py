@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +109,18 @@ class DvcError(RuntimeError):
     """A DVC command failed, or Dagster and dvc.lock disagree on an output's hash."""
 
 
+def dvc_executable() -> str:
+    """The `dvc` command beside this interpreter, else the first on PATH.
+
+    `make setup` puts in the virtualenv's bin a `dvc` that runs DVC from its own tool environment (DVC's hydra needs
+    antlr4 4.9, Dagster 4.13: docs/install.md), so never `python -m dvc` from this environment."""
+    beside = Path(sys.executable).parent / "dvc"  # not resolved: the virtualenv's bin, not the base interpreter's
+    found = str(beside) if beside.is_file() else shutil.which("dvc")
+    if not found:
+        raise DvcError(f"no `dvc` command beside {sys.executable} nor on PATH: run `make setup` (docs/install.md)")
+    return found
+
+
 class DvcRepo:
     """A DVC repository whose commands run one at a time (file lock + DVC's `--wait-for-lock`)."""
 
@@ -156,7 +169,7 @@ class DvcRepo:
                         ) from None
                     time.sleep(0.2)
             try:
-                cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
+                cmd = [dvc_executable(), "--wait-for-lock", *args]
                 try:
                     proc = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True, timeout=timeout_s)
                 except subprocess.TimeoutExpired:
