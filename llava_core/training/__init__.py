@@ -1,0 +1,1 @@
+"""Stage 4: the training launcher, the loop, its data order, checkpoints and what a run shows."""
