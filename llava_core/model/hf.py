@@ -66,7 +66,7 @@ def llava_hf_chat_template(assistant_marks: bool = True) -> str:
     followed by one space; `ASSISTANT:` for add_generation_prompt. No BOS (the tokenizer adds it), no system
     prompt, no `</s>`. A message's content may also be a plain string (one text), which llava-hf's ignores.
 
-    `assistant_marks`: the answers inside `{% generation %}` (assistant masks), as llava-hf's; transformers < 4.43
+    `assistant_marks`: the answers inside `{% generation %}` (assistant masks), as llava-hf's; transformers 4.37
     cannot parse that tag, so the tokenizer's copy goes without (same text).
     """
 
@@ -177,8 +177,8 @@ def write_hf_folder(
 
     preprocessor_config.json is the image processor (4.37 builds its CLIPImageProcessor from it), kept out of
     processor_config.json, which holds only what the processor itself takes (4.57 and 5.x expand `<image>` with
-    its `patch_size`); chat_template.json is read by the processors of 4.43 on, the tokenizer carries the same
-    template for older ones.
+    its `patch_size`); chat_template.json is the processor's template, and the tokenizer carries the same one for
+    releases whose processor has none (4.37).
     """
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 

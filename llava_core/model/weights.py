@@ -146,17 +146,17 @@ def classic_tokenizer_class(name: str, model: dict) -> str:
 
 
 def merge_text(merge: str | list[str]) -> str:
-    """A BPE merge as the "a b" string tokenizers < 0.20 parse (later versions read both forms)."""
+    """A BPE merge as an "a b" string, the form older tokenizers (0.15) parse; current ones read both forms."""
     if isinstance(merge, str):
         return merge
     if any(" " in part for part in merge):
-        raise ValueError(f"BPE merge {merge!r} holds a space: tokenizers < 0.20 cannot read it")
+        raise ValueError(f"BPE merge {merge!r} holds a space: it has no form older tokenizers (0.15) read")
     return " ".join(merge)
 
 
 def sentencepiece_normalizer(tj: dict) -> dict:
     """tokenizer.json with transformers 5's Llama pipeline (a Metaspace pre-tokenizer that does not split, which
-    tokenizers < 0.19 cannot parse) rewritten as the normaliser 4.x's Llama conversion wrote, which tokenises the
+    tokenizers 0.15 cannot parse) rewritten as the normaliser 4.x's Llama conversion wrote, which tokenises the
     same: spaces -> `▁`, then one `▁` before each text piece unless it starts with one (prepend_scheme `always`:
     prepend, then fold a doubled leading mark). A `first` scheme (non-legacy, Mistral-style) has no such form and
     is kept."""

@@ -62,6 +62,19 @@ def exports(tmp_path_factory):
     return {"cfg": cfg, "ckpt": ckpt, "hf": hf_dir, "llava": llava_dir, "image": image, "main": main, "logits": logits}
 
 
+def tokenizer_families(folder: Path, kinds: tuple[str, ...]) -> dict[str, list[list[int]]]:
+    """Llama-style tokenizers as transformers 5 holds them (its Metaspace pipeline) written by the exports' writer
+    into `folder/<kind>`; their ids for TEXTS in the main environment."""
+    from transformers import AutoTokenizer
+
+    ids = {}
+    for kind in kinds:
+        tok = AutoTokenizer.from_pretrained(build_tokenizer_folder(folder / f"src_{kind}", kind))
+        write_classic_tokenizer(tok, folder / kind)
+        ids[kind] = [tok(t).input_ids for t in TEXTS]
+    return ids
+
+
 def collapse_image_run(ids: list[int], image_id: int) -> list[int]:
     """The ids with each run of image tokens as one (4.37 expands `<image>` in the model, not the processor)."""
     return [t for i, t in enumerate(ids) if t != image_id or i == 0 or ids[i - 1] != image_id]
@@ -71,14 +84,19 @@ def collapse_image_run(ids: list[int], image_id: int) -> list[int]:
 def test_hf_export_loads_in_transformers_4x_with_the_transformers_5_logits(exports, env, tmp_path):
     python = side_python(env)
     out = tmp_path / "side.pt"
-    run_side(python, SIDE, "hf", str(exports["hf"]), str(exports["image"]), str(out))
+    # tokenizers 0.15 parses no non-legacy (Mistral-style) pipeline: docs/limits.md
+    kinds = ("llama", "llama_pad") if env == "transformers-4.37" else ("llama", "mistral", "llama_pad")
+    families = tokenizer_families(tmp_path, kinds)
+    args = [str(exports["hf"]), str(exports["image"]), str(out), *(str(tmp_path / k) for k in families)]
+    run_side(python, SIDE, "hf", *args)
     side = torch.load(out, weights_only=True)
     main = exports["main"]
     assert side["versions"]["transformers"] == VERSIONS[env]
     assert not main["loading"]["missing_keys"] and not main["loading"]["unexpected_keys"]
     assert side["loading"] == {"missing_keys": [], "unexpected_keys": []}
     assert side["tokenizer_class"] == "LlamaTokenizerFast"
-    # the chat template, through the processor (4.43 on) and the tokenizer: llava-hf's text, no BOS, no </s>
+    assert side["families"] == families
+    # the chat template, through the processor (4.57) and the tokenizer (both): llava-hf's text, no BOS, no </s>
     for key, text in side["rendered"].items():
         _, conv, gen = key.split("/")
         want = (SINGLE_TEXT if conv == "single" else MULTI_TURN_TEXT) + ("ASSISTANT:" if gen == "True" else "")
@@ -101,16 +119,9 @@ def test_hf_export_loads_in_transformers_4x_with_the_transformers_5_logits(expor
 
 
 def test_llava_pinned_stack_loads_the_original_export_like_load_pretrained_model(exports, tmp_path):
-    from transformers import AutoTokenizer
-
     python = side_python("transformers-4.37")
     out = tmp_path / "side.pt"
-    # Llama/Vicuna-style tokenizers as transformers 5 holds them (its Metaspace pipeline), written by the export
-    families = {}
-    for kind in ("llama", "llama_pad"):
-        tok = AutoTokenizer.from_pretrained(build_tokenizer_folder(tmp_path / f"src_{kind}", kind))
-        write_classic_tokenizer(tok, tmp_path / kind)
-        families[kind] = [tok(t).input_ids for t in TEXTS]
+    families = tokenizer_families(tmp_path, ("llama", "llama_pad"))
     args = [str(exports["llava"]), str(exports["image"]), str(out), *(str(tmp_path / k) for k in families)]
     run_side(python, SIDE, "llava", *args)
     side = torch.load(out, weights_only=True)

@@ -1,7 +1,7 @@
 """Run by a side environment's Python (transformers 4.37 or 4.57, no project code): load one of our exports with
 that release's own classes and write what it found to a torch file the test compares with the main environment.
 
-    python load_export.py hf <models/hf> <image.png> <out.pt>
+    python load_export.py hf <models/hf> <image.png> <out.pt> [<tokenizer folder> ...]
     python load_export.py llava <models/llava> <image.png> <out.pt> [<tokenizer folder> ...]
 
 `hf`: LlavaForConditionalGeneration.from_pretrained (missing / unexpected keys), AutoTokenizer, AutoProcessor (in
@@ -15,8 +15,9 @@ read as a LlamaConfig subclass carrying the `mm_*` keys; the language model with
 (Linear-GELU-Linear for `mlp2x_gelu`) loaded from the text folder; `resize_token_embeddings(len(tokenizer))`; the
 vision tower and its image processor from `mm_vision_tower`; a prompt split at `<image>` with each piece tokenised
 by itself (BOS on the first piece only) and the image index -200 between; the image features (`hidden_states`
-at `mm_vision_select_layer`, CLS dropped, projected) put in place of -200 for the logits. Further tokenizer
-folders are loaded the same way and tokenise TEXTS.
+at `mm_vision_select_layer`, CLS dropped, projected) put in place of -200 for the logits.
+
+Further tokenizer folders are loaded the way the mode loads its tokenizer and tokenise TEXTS (`families`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def loading_info(info: dict) -> dict:
     return {k: sorted(str(x) for x in v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys")}
 
 
-def hf(folder: str, image: Image.Image, *_: str) -> dict:
+def hf(folder: str, image: Image.Image, *tokenizers: str) -> dict:
     from transformers import (
         AutoProcessor,
         AutoTokenizer,
@@ -78,6 +79,7 @@ def hf(folder: str, image: Image.Image, *_: str) -> dict:
     out["pixel_values"] = batch["pixel_values"]
     with torch.no_grad():
         out["logits"] = model.eval()(**batch).logits
+    out["families"] = {Path(t).name: [AutoTokenizer.from_pretrained(t)(x).input_ids for x in TEXTS] for t in tokenizers}
     return out
 
 
