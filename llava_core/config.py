@@ -332,6 +332,43 @@ class PublishConfig(Schema):
     models: list[Literal["hf", "llava"]] = Field(default_factory=lambda: ["hf"], description="folders under models/")
 
 
+# "5GB", "500MB", "2GiB" or a number of bytes, as transformers' `max_shard_size` reads them
+SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "B": 1, **{f"{u}B": 1000 ** (i + 1) for i, u in enumerate("KMGT")}}
+SIZE_UNITS.update({f"{u}IB": 1024 ** (i + 1) for i, u in enumerate("KMGT")})
+
+
+def size_in_bytes(value: int | str) -> int:
+    """`5GB` -> 5 * 10**9, `2MiB` -> 2 * 2**20, an int or digits -> itself; ValueError for anything else."""
+    m = SIZE_RE.fullmatch(str(value).strip())
+    if m is None or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size: write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    n = int(float(m.group(1)) * SIZE_UNITS[(m.group(2) or "").upper()])
+    if n <= 0:
+        raise ValueError(f"{value!r}: a size must be above 0 bytes")
+    return n
+
+
+class ExportConfig(Schema):
+    """Stage 5a: how the exported model folders are written."""
+
+    max_shard_size: int | str = Field(
+        "5GB",
+        description="largest weight file of an export (5GB, 500MB, 2GiB or bytes); above it the weights are "
+        "split into shards listed in model.safetensors.index.json",
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        size_in_bytes(v)
+        return v
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return size_in_bytes(self.max_shard_size)
+
+
 def _named(v: dict, what: str) -> dict:
     for name in v:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -365,6 +402,7 @@ class PipelineConfig(Schema):
     hdf5: dict[str, Hdf5PhaseConfig] = Field(description="stage 3: phase -> settings (merged over the preset)")
     train: dict[str, TrainPhaseConfig] = Field(description="stage 4: phase -> settings (merged over the preset)")
     eval: EvalConfig = Field(description="stage 5b: the held-out evaluation")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="stage 5a: how the exports are written")
     publish: PublishConfig | None = Field(None, description="optional upload of the exported models to S3")
     base_dir: Path = Field(Path("."), exclude=True, description="the params file's folder (not a params key)")
 

@@ -16,6 +16,7 @@ from llava_core.config import (
     ConfigError,
     DatasetConfig,
     EvalConfig,
+    ExportConfig,
     Hdf5PhaseConfig,
     JudgeConfig,
     LoraConfig,
@@ -199,6 +200,7 @@ def params_reference() -> str:
         ("train.<phase>.lora", LoraConfig),
         ("eval", EvalConfig),
         ("eval.judge", JudgeConfig),
+        ("export", ExportConfig),
         ("publish", PublishConfig),
     ]
     lines = [
@@ -229,5 +231,3 @@ def params_reference() -> str:
                 default = "(section defaults)" if isinstance(value, BaseModel) else f"`{value!r}`"
             lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return "\n".join(lines) + "\n"
-
-

@@ -137,13 +137,15 @@ def test_a_malicious_pickle_in_a_bin_checkpoint_is_never_run(exported, tmp_path)
 
     from llava_core.model.hf import import_hf
     from llava_core.model.original import load_llava_original
+    from llava_core.model.weights import load_weights
 
     hf, llava = (shutil.copytree(p, tmp_path / p.name) for p in exported)
     marker = tmp_path / "pwned"
     # original LLaVA layout: our loader reads pytorch_model*.bin (weights_only=True)
     text = llava / "text_model_llava"
-    _malicious_bin(text / "pytorch_model.bin", marker, load_file(text / "model.safetensors"))
-    (text / "model.safetensors").unlink()
+    _malicious_bin(text / "pytorch_model.bin", marker, load_weights(text))
+    for f in text.glob("model*"):  # the safetensors shards and their index
+        f.unlink()
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_llava_original(llava)
     # a Hugging Face folder: transformers reads the .bin (with weights_only) when no safetensors is there

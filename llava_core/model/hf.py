@@ -1,6 +1,7 @@
-"""Stage 5a, training <-> Hugging Face: `models/hf/` as `LlavaForConditionalGeneration` + processor (image
-processor with pad-to-square, tokenizer with the `<image>` token, chat template), loadable by transformers alone,
-and any llava-hf style folder back to the training format (to fine-tune or evaluate existing weights).
+"""Stage 5a, training <-> Hugging Face: `models/hf/` laid out like the llava-hf model folders (weights under the
+names transformers 4.x and llava-hf use, sharded past `export.max_shard_size`; config, processor and tokenizer
+files transformers 4.37, 4.57 and 5.x read; llava-hf's chat template), and any llava-hf style folder back to the
+training format (to fine-tune or evaluate existing weights).
 
 When a tokenizer lacks `<image>`, the export adds it past the vocabulary and pads the embeddings to a multiple
 of 64 (as llava-hf does: 32000 -> 32064); `export_info.json` records the original vocabulary so the import
@@ -18,7 +19,7 @@ import torch
 from llava_core.artifacts import EXPORT_INFO, IMPORT_INFO, TRAIN_SUMMARY
 from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.config import PipelineConfig
-from llava_core.data.prompts import SYSTEM_PROMPTS, check_style
+from llava_core.data.prompts import check_style
 from llava_core.model.llava import LlavaModel, load_model, model_from_config_dict, save_model
 from llava_core.model.weights import (
     IMAGE_TOKEN,
@@ -32,15 +33,16 @@ from llava_core.model.weights import (
     pad_vocab,
     remap,
     reverse_map,
+    save_weights,
     trim_vocab,
     vocab_rows,
+    with_rope_theta,
+    write_classic_tokenizer,
 )
 
 VOCAB_MULTIPLE = 64  # llava-hf pads its embeddings to a multiple of 64 after adding <image> (32000 -> 32064)
 
 # training-format prefix -> Hugging Face LlavaForConditionalGeneration prefix (transformers 5.x in-memory layout)
-
-
 HF_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("image_model.", "model.vision_tower."),
     ("projector.0.", "model.multi_modal_projector.linear_1."),
@@ -48,9 +50,45 @@ HF_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("text_model.model.", "model.language_model."),
     ("text_model.lm_head.", "lm_head."),
 )
+# transformers 5.x in-memory prefix -> the names in llava-hf's files and transformers' own conversion
+# (convert_llava_weights_to_hf), which are 4.x's in-memory names; 5.x renames them back when it loads
+HF_FILE_KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
 
-# training-format prefix -> "<folder>/<key prefix>" of the original LLaVA layout. The vision tower keeps the
-# `vision_model.` prefix of a CLIPVisionModel file (what the LLaVA repo's transformers 4.x loads; 5.x reads it too).
+
+def llava_hf_chat_template(assistant_marks: bool = True) -> str:
+    """What llava-hf's chat template renders (llava-hf/llava-1.5-7b-hf, chat_template.json), written here: a role
+    prefix `USER: ` / `ASSISTANT: ` (none for `system`), a message's images first as `<image>\\n`, then each text
+    followed by one space; `ASSISTANT:` for add_generation_prompt. No BOS (the tokenizer adds it), no system
+    prompt, no `</s>`. A message's content may also be a plain string (one text), which llava-hf's ignores.
+
+    `assistant_marks`: the answers inside `{% generation %}` (assistant masks), as llava-hf's; transformers 4.37
+    cannot parse that tag, so the tokenizer's copy goes without (same text).
+    """
+
+    def text(expr: str) -> str:
+        out = "{{ " + expr + " + ' ' }}"
+        if not assistant_marks:
+            return out
+        marked = "{% generation %}" + out + "{% endgeneration %}"
+        return "{% if message['role'] == 'assistant' %}" + marked + "{% else %}" + out + "{% endif %}"
+
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+        "{% if message['content'] is string %}" + text("message['content']") + "{% else %}"
+        "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+        "{% for part in message['content'] if part['type'] == 'text' %}" + text("part['text']") + "{% endfor %}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+
+
+LLAVA_HF_CHAT_TEMPLATE = llava_hf_chat_template()
 
 
 @dataclass
@@ -81,26 +119,6 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def vicuna_chat_template(style: str = "vicuna_v1") -> str:
-    """Jinja chat template rendering the conversation the way `prompts.encode_conversation` lays it out."""
-    system = SYSTEM_PROMPTS[style].replace("'", "\\'")
-    return (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set messages = messages[1:] %}{% else %}{% set system = '" + system + "' %}{% endif %}"
-        "{{ bos_token }}{{ system }}"
-        "{% for m in messages %}"
-        "{% if m['role'] == 'user' %}{{ ' USER: ' if loop.first else 'USER: ' }}"
-        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}"
-        "{{ c['text'] }}{% endif %}{% endfor %}{% endif %} ASSISTANT:"
-        "{% else %}"
-        "{% if m['content'] is string %} {{ m['content'] }}{% else %}"
-        "{% for c in m['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
-        "{% endif %}{{ eos_token }}"
-        "{% endif %}{% endfor %}"
-    )
 
 
 def build_hf_model(model: LlavaModel, image_token_id: int, vocab_size: int | None = None):
@@ -142,32 +160,61 @@ def hf_from_training(model: LlavaModel, tok) -> HFConversion:
     return HFConversion(build_hf_model(model, image_token_id, vocab), tok, image_token_id, rows, added)
 
 
+def llava_hf_config(hf) -> dict:
+    """config.json: the LlavaConfig as 5.x writes it, plus what 4.x reads: `rope_theta` in the text config and
+    the top-level `vocab_size` and `architectures` of llava-hf's configs."""
+    d = hf.config.to_dict()
+    d["architectures"] = ["LlavaForConditionalGeneration"]
+    with_rope_theta(d["text_config"])
+    d["vocab_size"] = d["text_config"]["vocab_size"]
+    return d
+
+
+def write_hf_folder(
+    conv: HFConversion, patch_size: int, image_size: int, folder: Path, max_shard_bytes: int, tokenizer_dir: Path
+) -> None:
+    """The files of a llava-hf model folder, for transformers 4.37, 4.57 and 5.x (docs/formats.md).
+
+    preprocessor_config.json is the image processor (4.37 builds its CLIPImageProcessor from it), kept out of
+    processor_config.json, which holds only what the processor itself takes (4.57 and 5.x expand `<image>` with
+    its `patch_size`); chat_template.json is the processor's template, and the tokenizer carries the same one for
+    releases whose processor has none (4.37).
+    """
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(llava_hf_config(conv.model), indent=2, sort_keys=True) + "\n")
+    conv.model.generation_config.save_pretrained(folder)
+    save_weights(remap(conv.model.state_dict(), HF_FILE_KEY_MAP), folder, max_shard_bytes)
+    # do_pad: LLaVA-1.5 "pad", expand to square with the mean colour first (4.37's CLIPImageProcessor ignores it)
+    clip_image_processor(image_size, LlavaImageProcessorPil, do_pad=True).save_pretrained(folder)
+    preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    write_json_atomic(folder / "preprocessor_config.json", {**preprocessor, "processor_class": "LlavaProcessor"})
+    processor = {
+        "processor_class": "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "num_additional_image_tokens": 1,  # the CLS position, dropped again by the `default` strategy
+        "patch_size": patch_size,
+        "vision_feature_select_strategy": "default",
+    }
+    write_json_atomic(folder / "processor_config.json", processor)
+    write_json_atomic(folder / "chat_template.json", {"chat_template": LLAVA_HF_CHAT_TEMPLATE})
+    template = llava_hf_chat_template(assistant_marks=False)
+    write_classic_tokenizer(conv.tokenizer, folder, source=tokenizer_dir, chat_template=template)
+
+
 def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
     """Convert the finished `checkpoints/<phase>/` to `models/hf/` (atomic: temporary folder, then rename)."""
-    from transformers import AutoTokenizer, LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers import AutoTokenizer
 
     ckpt = finished_checkpoint(cfg, phase)
     model = load_model(ckpt).eval()
     conv = hf_from_training(model, AutoTokenizer.from_pretrained(ckpt / "tokenizer"))
-    size = model.image_model.config.image_size
-    # do_pad: LLaVA-1.5 "pad", expand to square with the mean colour first
-    image_processor = clip_image_processor(size, LlavaImageProcessorPil, do_pad=True)
-    style = cfg.hdf5["phase2"].prompt_style
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=conv.tokenizer,
-        patch_size=model.image_model.config.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=vicuna_chat_template(style if style in SYSTEM_PROMPTS else "vicuna_v1"),
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-    )
+    vc = model.image_model.config
     out = cfg.path("models") / "hf"
     tmp = partial_dir(out)
     with staged(out, tmp):
-        conv.model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        write_hf_folder(conv, vc.patch_size, vc.image_size, tmp, cfg.export.max_shard_bytes, ckpt / "tokenizer")
         train_summary = json.loads((ckpt / TRAIN_SUMMARY).read_text())
         write_json_atomic(
             tmp / EXPORT_INFO,
@@ -176,7 +223,7 @@ def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
                 "phase": phase,
                 "image_token_id": conv.image_token_id,
                 "image_patch_start_idx": train_summary["image_patch_start_idx"],
-                "prompt_style": style,
+                "prompt_style": cfg.hdf5["phase2"].prompt_style,
                 "original_vocab_size": conv.original_vocab_size,
                 "added_tokens": conv.added_tokens,
             },

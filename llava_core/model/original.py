@@ -1,7 +1,11 @@
 """Stage 5a, training <-> the original LLaVA repository's layout: `models/llava/` holds `image_model/` (the CLIP
 vision tower + preprocessor_config.json) and `text_model_llava/` (LLM + `model.mm_projector.0/2` weights,
 tokenizer, a `model_type: llava` config with the `mm_*` keys), what LLaVA's own `load_pretrained_model` and
-eval scripts read (docs/formats.md); and any such checkpoint back to the training format.
+eval scripts read, and beside it `text_model/`, the same files under the name Cerebras' HF-to-CS LLaVA converter
+reads with `image_model/` (docs/formats.md); and any such checkpoint back to the training format.
+
+Weights are always sharded safetensors with `model.safetensors.index.json` here (one shard when small): the
+Cerebras converter takes a folder's `*.index.json` or `pytorch_model.bin`, never a lone `model.safetensors`.
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ from llava_core.model.weights import (
     clip_image_processor,
     finished_checkpoint,
     image_start_for,
+    link_or_copy,
     load_exact,
     load_weights,
     remap,
     reverse_map,
+    save_weights,
     vocab_rows,
+    with_rope_theta,
+    write_classic_tokenizer,
 )
 
 LLAVA_IMAGE_DIR = "image_model"
-
-
-LLAVA_TEXT_DIR = "text_model_llava"
-
+LLAVA_TEXT_DIR = "text_model_llava"  # LLaVA's scripts want "llava" in the model path
+CEREBRAS_TEXT_DIR = "text_model"  # what Cerebras' converter reads beside image_model/
 
 LLAVA_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("image_model.", f"{LLAVA_IMAGE_DIR}/vision_model."),
@@ -58,6 +64,7 @@ class LlavaExportResult:
     parameters: int
     image_model: Path
     text_model: Path
+    cerebras_text_model: Path
 
 
 def to_llava_state_dict(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -93,28 +100,30 @@ def llava_text_config(model: LlavaModel, vision_tower: str) -> dict:
             "use_mm_proj": True,
         }
     )
-    rope = d.get("rope_parameters") or {}
-    if "rope_theta" in rope:  # where the LLaVA repo's transformers 4.x reads it
-        d.setdefault("rope_theta", rope["rope_theta"])
-    return d
+    return with_rope_theta(d)
 
 
-def write_llava_original(model: LlavaModel, tok, folder: Path, vision_tower: str) -> None:
-    """Write `folder/image_model/` and `folder/text_model_llava/` (the caller makes it atomic)."""
-    from safetensors.torch import save_file
+def write_llava_original(
+    model: LlavaModel, tok, folder: Path, vision_tower: str, max_shard_bytes: int, tokenizer_dir: Path | None = None
+) -> None:
+    """Write `folder/image_model/`, `folder/text_model_llava/` and `folder/text_model/` (the caller makes it atomic).
 
-    parts = to_llava_state_dict({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    `text_model/` holds the files of `text_model_llava/` as hard links (a copy where links are impossible).
+    """
+    parts = to_llava_state_dict(model.state_dict())
     image_dir, text_dir = folder / LLAVA_IMAGE_DIR, folder / LLAVA_TEXT_DIR
-    image_dir.mkdir(parents=True, exist_ok=True)
-    text_dir.mkdir(parents=True, exist_ok=True)
     vc = copy.deepcopy(model.image_model.config)
     vc.architectures = ["CLIPVisionModel"]
     vc.save_pretrained(image_dir)
-    save_file(parts[LLAVA_IMAGE_DIR], str(image_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(parts[LLAVA_IMAGE_DIR], image_dir, max_shard_bytes, always_index=True)
     clip_image_processor(model.image_model.config.image_size).save_pretrained(image_dir)
-    save_file(parts[LLAVA_TEXT_DIR], str(text_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_weights(parts[LLAVA_TEXT_DIR], text_dir, max_shard_bytes, always_index=True)
     (text_dir / "config.json").write_text(json.dumps(llava_text_config(model, vision_tower), indent=2, default=str))
-    tok.save_pretrained(text_dir)
+    write_classic_tokenizer(tok, text_dir, source=tokenizer_dir)
+    cerebras_dir = folder / CEREBRAS_TEXT_DIR
+    cerebras_dir.mkdir()
+    for f in sorted(text_dir.iterdir()):
+        link_or_copy(f, cerebras_dir / f.name)
 
 
 def export_llava(cfg: PipelineConfig, phase: str = "phase2") -> LlavaExportResult:
@@ -131,12 +140,12 @@ def export_llava(cfg: PipelineConfig, phase: str = "phase2") -> LlavaExportResul
     out = cfg.path("models") / "llava"
     tmp = partial_dir(out)
     with staged(out, tmp):
-        write_llava_original(model, tok, tmp, str((out / LLAVA_IMAGE_DIR).resolve()))
+        tower = str((out / LLAVA_IMAGE_DIR).resolve())
+        write_llava_original(model, tok, tmp, tower, cfg.export.max_shard_bytes, ckpt / "tokenizer")
         write_json_atomic(tmp / EXPORT_INFO, {"source_checkpoint": str(ckpt), "phase": phase, "format": "llava"})
     replace_dir(tmp, out)
-    return LlavaExportResult(
-        out, sum(p.numel() for p in model.parameters()), out / LLAVA_IMAGE_DIR, out / LLAVA_TEXT_DIR
-    )
+    parameters = sum(p.numel() for p in model.parameters())
+    return LlavaExportResult(out, parameters, out / LLAVA_IMAGE_DIR, out / LLAVA_TEXT_DIR, out / CEREBRAS_TEXT_DIR)
 
 
 def _llava_folders(folder: Path) -> tuple[Path, dict]:

@@ -22,7 +22,7 @@ from llava_core.model.original import (
     load_llava_original,
     to_llava_state_dict,
 )
-from llava_core.model.weights import pad_vocab, trim_vocab
+from llava_core.model.weights import load_weights, pad_vocab, trim_vocab
 from llava_core.params import load_config
 from tests.helpers_models import write_checkpoint
 from tests.helpers_unit import TINY_TOKENIZER
@@ -303,7 +303,6 @@ def test_import_rejects_an_unsupported_hf_layout(trained_like_checkpoint, tmp_pa
 
 def test_original_llava_layout_and_config(trained_like_checkpoint):
     from PIL import Image
-    from safetensors.torch import load_file
     from transformers import AutoImageProcessor, CLIPVisionModel
 
     cfg, folder = trained_like_checkpoint
@@ -324,7 +323,7 @@ def test_original_llava_layout_and_config(trained_like_checkpoint):
     }
     assert config["vocab_size"] == VOCAB and config["hidden_size"] == 128
     model = load_model(folder)
-    text = load_file(out / "text_model_llava/model.safetensors")
+    text = load_weights(out / "text_model_llava")  # through model.safetensors.index.json
     state = model.state_dict()
     assert torch.equal(text["model.mm_projector.0.weight"], state["projector.0.weight"])
     assert torch.equal(text["model.mm_projector.2.bias"], state["projector.2.bias"])
@@ -332,7 +331,7 @@ def test_original_llava_layout_and_config(trained_like_checkpoint):
     assert torch.equal(text["lm_head.weight"], state["text_model.lm_head.weight"])
     assert not any(k.startswith(("image_model", "vision", "model.vision_tower")) for k in text)
     # the vision tower: a CLIPVisionModel folder transformers loads, file keys as CLIPVisionModel wrote them in 4.x
-    image_file = load_file(out / "image_model/model.safetensors")
+    image_file = load_weights(out / "image_model")
     assert all(k.startswith("vision_model.") for k in image_file)
     tower = CLIPVisionModel.from_pretrained(out / "image_model")
     assert_same_weights(model.image_model.state_dict(), tower.state_dict())
@@ -371,12 +370,11 @@ def test_training_original_training_round_trip_is_bit_identical(trained_like_che
 
 
 def test_original_bin_weights_are_read_with_weights_only(trained_like_checkpoint):
-    from safetensors.torch import load_file
-
     cfg, folder = trained_like_checkpoint
     text_dir = export_llava(cfg).path / "text_model_llava"
-    weights = load_file(text_dir / "model.safetensors")
-    (text_dir / "model.safetensors").unlink()
+    weights = load_weights(text_dir)
+    for f in text_dir.glob("model*"):
+        f.unlink()
     torch.save(weights, text_dir / "pytorch_model.bin")
     model, _ = load_llava_original(text_dir.parent)
     assert_same_weights(load_model(folder).state_dict(), model.state_dict())

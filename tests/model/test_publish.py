@@ -38,7 +38,7 @@ def test_publish_uploads_each_model_with_a_manifest(tmp_path, s3_endpoint, aws_e
         for m in manifest["files"]:
             body = s3.get_object(Bucket="models", Key=f"runs/7/{name}/{m['path']}")["Body"].read()
             assert len(body) == m["bytes"] and hashlib.sha256(body).hexdigest() == m["sha256"]
-    assert "text_model_llava/model.safetensors" in [
+    assert "text_model_llava/model.safetensors.index.json" in [
         m["path"]
         for m in json.loads(s3.get_object(Bucket="models", Key="runs/7/llava/manifest.json")["Body"].read())["files"]
     ]
