@@ -1,9 +1,13 @@
 """Stage 5b asset: `eval_report` (reports/eval.json), with a metrics table per task as metadata."""
 
+from pathlib import Path
+
 import dagster as dg
 
+from llava_core.artifacts import EVAL_PLOT
 from llava_core.config import PipelineConfig
 from llava_core.pipeline import asset_inputs, stage
+from llava_core.plots import png_markdown
 
 STAGE = stage("evaluate")
 
@@ -45,6 +49,9 @@ def report_metadata(report: dict, path: str) -> dict:
         "overall_accuracy": report["overall_accuracy"],
         "by_category": dg.MetadataValue.md(_table(rows)),
     }
+    picture = Path(path).with_name(EVAL_PLOT)
+    if picture.is_file():  # drawn by the evaluation beside the report
+        meta["scores_plot"] = dg.MetadataValue.md(png_markdown(picture.read_bytes(), "score per category"))
     for c, m in by.items():
         values = {k: v for k, v in m.items() if k not in ("metric", "n") and isinstance(v, (int, float))}
         meta[f"metrics/{c}"] = dg.MetadataValue.table(

@@ -26,6 +26,7 @@ WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 METRICS = "metrics.jsonl"  # one JSON record per logged step
 LOSS_CURVE = "loss_curve.csv"  # the same records for `dvc plots`
+LOSS_PLOT = "loss_curve.png"  # loss and learning rate against step, drawn at the end of the phase
 RESUME_KEY = "resume_key.json"  # inside the partial run: what a resume must match
 # stage 5: models/hf, models/llava, reports/
 EXPORT_INFO = "export_info.json"  # which checkpoint, image token, what the export added
@@ -33,6 +34,10 @@ IMPORT_INFO = "import_info.json"
 EVAL_REPORT = "eval.json"
 ANSWERS = "answers.jsonl"
 REVIEWS = "reviews.jsonl"  # the judge's reviews, one per answer
+EVAL_PLOT = "eval_scores.png"  # the per-category scores as bars
+# beside every stage output (llava_core/stage_guard.py): its lock, and the record of the run that made it
+LOCK_FILE = ".{name}.lock"  # who holds it (pid, host, command, start time); emptied on a clean release
+RUN_RECORD = ".{name}.run.json"  # fingerprint of the inputs and settings, who made it, its result
 
 CHUNK = 1 << 20
 
