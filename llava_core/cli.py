@@ -63,10 +63,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("judge", help="judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json")
     sub.add_parser("publish", help="upload the converted models to S3 (the publish section)")
     sub.add_parser("params", help="print the params.yaml reference (every key, its type and meaning)")
-    for command, what in (
-        ("import-hf", "a Hugging Face LLaVA folder"),
-        ("import-llava", "an original-LLaVA checkpoint"),
-    ):
+    for command, what in (("import-hf", "a Hugging Face LLaVA folder"), ("import-llava", "an original-LLaVA checkpoint")):
         imp = sub.add_parser(command, help=f"{what} -> a training-format checkpoint")
         imp.add_argument("source_dir", type=Path)
         imp.add_argument("--out", type=Path, default=None, help="default: <checkpoints>/imported")

@@ -229,3 +229,5 @@ def params_reference() -> str:
                 default = "(section defaults)" if isinstance(value, BaseModel) else f"`{value!r}`"
             lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return "\n".join(lines) + "\n"
+
+
