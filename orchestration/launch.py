@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    # a step process (multiprocess executor) rebuilds the job from this module's function of the same name
+    # Every step in this process unless LLAVA_EXECUTOR says otherwise: on make demo's workspace the faster one
+    # (docs/performance.md); a step process of another executor rebuilds the job from this module's function.
+    os.environ.setdefault("LLAVA_EXECUTOR", "in_process")
     job = dg.reconstructable(getattr(sys.modules[__name__], f"job_{args.job}"))
     with dg.DagsterInstance.get() as instance:
         with dg.execute_job(job, instance=instance, tags={"llava/trigger": "cli"}) as result:

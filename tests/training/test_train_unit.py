@@ -393,15 +393,20 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path):
 
 
 def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
-    """The project's dvc.yaml `plots:` over checkpoints/<phase>/loss_curve.csv, through real `dvc plots show`."""
+    """The project's dvc.yaml `plots:` over the loss curves (csv) and the pictures (png), through real `dvc plots show`."""
     import shutil
     import subprocess
 
     shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    from llava_core.plots import loss_plot, scores_plot
+
     for phase, records in (("phase1", RECORDS[:4]), ("phase2", RECORDS[:6])):
         (tmp_path / "checkpoints" / phase).mkdir(parents=True)
         write_loss_curve(records, tmp_path / "checkpoints" / phase / "loss_curve.csv")
+        loss_plot(records, tmp_path / "checkpoints" / phase / "loss_curve.png", phase)
+    (tmp_path / "reports").mkdir()
+    scores_plot({"color": {"accuracy": 0.5, "metric": "exact_match", "n": 2}}, tmp_path / "reports/eval_scores.png")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=venv_env)
     out = subprocess.run(
@@ -417,3 +422,7 @@ def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
         "phase2/loss_curve.csv": [(r["step"], r["loss"]) for r in RECORDS[:6]],
     }
     assert "train_lr" in plots
+    # the pictures, as image plots: DVC hands out the files themselves
+    for image in ("checkpoints/phase1/loss_curve.png", "checkpoints/phase2/loss_curve.png", "reports/eval_scores.png"):
+        (entry,) = plots[image]
+        assert entry["type"] == "image" and Path(entry["url"]).read_bytes() == (tmp_path / image).read_bytes()
