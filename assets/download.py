@@ -51,12 +51,17 @@ def build_download_assets(
                 "bytes": r.bytes,
                 "skipped_unchanged": r.skipped,
             }
-            tags = {SOURCE_TAG: state} if state else {}
+            tags = {SOURCE_TAG: source_tag(state)} if state else {}
             return settings.record_version(name, dg.MaterializeResult(metadata=metadata, tags=tags))
 
         return _raw
 
     return [make(s) for s in STAGE.keys(cfg)]
+
+
+def source_tag(state: str) -> str:
+    """A source state as a tag value (Dagster allows 63 characters): its first 128 bits."""
+    return state[:32]
 
 
 def previous_tag(context: dg.AssetExecutionContext, asset: str, tag: str) -> str | None:

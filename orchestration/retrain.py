@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.download import SOURCE_TAG
+from assets.download import SOURCE_TAG, source_tag
 from llava_core.config import PipelineConfig
 from llava_core.data.sources import source_state
 from llava_core.pipeline import asset_inputs, steps
@@ -78,7 +78,7 @@ def _why(cfg: PipelineConfig, instance, s, key, plan: RetrainPlan, s3_client) ->
     if s.name == "download":
         src = cfg.sources[key]
         state = source_state(cfg, key, s3_client(src) if s3_client and src.kind == "s3" else None)
-        if state is not None and tags.get(SOURCE_TAG) != state:
+        if state is not None and tags.get(SOURCE_TAG) != source_tag(state):
             return f"source changed ({src.kind} {src.location})"
     for parent in parents:
         now = latest_data_version(instance, dg.AssetKey(parent))
