@@ -5,6 +5,7 @@ import dagster as dg
 from llava_core.config import PipelineConfig
 from llava_core.data.sources import download, source_state
 from llava_core.pipeline import asset_inputs, stage
+from llava_core.stage_guard import run_guarded
 
 # Transfers fail for passing reasons (a dropped connection, a throttled endpoint): retry with backoff.
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
@@ -41,7 +42,7 @@ def build_download_assets(
             settings = context.resources.settings
             c = settings.load()
             state = source_state(c, source)  # before fetching: a change during the fetch shows on the next look
-            r = download(c, source, refetch=config.refetch)
+            r = run_guarded(STAGE, c, source, download, refetch=config.refetch)
             if r.skipped:  # the folder was kept: the source is as the last fetch found it, not necessarily as now
                 state = previous_tag(context, name, SOURCE_TAG)
             metadata = {

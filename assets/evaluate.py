@@ -8,6 +8,7 @@ from llava_core.artifacts import EVAL_PLOT
 from llava_core.config import PipelineConfig
 from llava_core.pipeline import asset_inputs, stage
 from llava_core.plots import png_markdown
+from llava_core.stage_guard import run_guarded
 
 STAGE = stage("evaluate")
 
@@ -27,7 +28,7 @@ def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         from llava_core.evaluation.evaluate import evaluate  # torch: imported by this step only (assets/__init__)
 
         settings = context.resources.settings
-        r = evaluate(settings.load())
+        r = run_guarded(STAGE, settings.load(), None, evaluate)
         result = dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))
         return settings.record_version(name, result)
 

@@ -8,6 +8,7 @@ the files inside them that another stage, a test or a user reads.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 # stage 1: data/raw/<source>/
@@ -59,3 +60,15 @@ def file_manifest(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in exclude
     ]
+
+
+def tree_state(path: Path) -> str:
+    """A digest of every file's path, size and modification time under `path` (no content read)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    rows = [
+        (p.relative_to(path).as_posix() if p != path else "", p.stat().st_size, p.stat().st_mtime_ns) for p in files
+    ]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()

@@ -1,20 +1,20 @@
 """One run per stage output at a time, whoever starts it: the output's lock, the fingerprint of what a run of the
 stage depends on, and the skip of a run that waited for another which made the same version.
 
-Every stage function (download, convert, hdf5, validate, train, export, evaluate) is wrapped in `one_at_a_time`
-(the training asset, which starts the training process itself through Dagster Pipes, uses `guarded`): the CLI,
-DVC (which runs the CLI) and the Dagster assets all pass through it. A run takes the lock of the stage's primary
-output (`llava_core.atomic.output_lock`); a second run waits, logging which process holds it. Once it has the lock,
-a run that waited compares its fingerprint (the settings the stage reads, as dvc.yaml lists them, and the state of
-its inputs) with the one recorded beside the output by the run that made it (`.<output>.run.json`): equal means
-the output is already what this run would make, and the run returns the recorded result instead of redoing it.
-A run that did not wait always runs (asking for a stage is asking for it to run).
+Every stage function (download, convert, hdf5, validate, train, export, evaluate) runs through `run_guarded`: the
+stage table's runners (the CLI, `llava-pipeline all`, and so DVC, which runs the CLI) and the Dagster assets call
+it (the training asset, which starts the training process itself through Dagster Pipes, uses `guarded`). A run
+takes the lock of the stage's primary output (`llava_core.atomic.output_lock`); a second run waits, logging which
+process holds it. Once it has the lock, a run that waited compares its fingerprint (the settings the stage reads,
+as dvc.yaml lists them, and the state of its inputs) with the one recorded beside the output by the run that made
+it (`.<output>.run.json`): equal means the output is already what this run would make, and the run returns the
+recorded result instead of redoing it. A run that did not wait always runs (asking for a stage is asking for it
+to run). This module takes the stage (a `llava_core.pipeline.Stage`) as an argument: the stage table calls it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -28,10 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llava_core.artifacts import RUN_RECORD
+from llava_core.artifacts import RUN_RECORD, tree_state
 from llava_core.atomic import LockWait, json_text, output_lock, write_json_atomic
 from llava_core.config import PipelineConfig
-from llava_core.pipeline import Stage, stage
 
 log = logging.getLogger("llava_core")
 
@@ -62,7 +61,7 @@ def read_record(out: Path) -> dict | None:
         return None
 
 
-def settings_view(cfg: PipelineConfig, s: Stage, key: Any) -> dict:
+def settings_view(cfg: PipelineConfig, s: Any, key: Any) -> dict:
     """The settings of one stage run: each params section of `STAGE_PARAMS`, by its dotted name."""
     data = cfg.to_dict()
     view = {}
@@ -85,18 +84,6 @@ def _stat(path: Path) -> list[int] | None:
     return [st.st_ino] if path.is_dir() else [st.st_ino, st.st_size, st.st_mtime_ns]
 
 
-def tree_state(path: Path) -> str:
-    """A digest of every file's path, size and modification time under `path` (no content read)."""
-    path = Path(path)
-    if not path.exists():
-        return "missing"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    rows = [
-        (p.relative_to(path).as_posix() if p != path else "", p.stat().st_size, p.stat().st_mtime_ns) for p in files
-    ]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
 def input_state(path: Path) -> Any:
     """An input made by a stage: the fingerprint its run recorded, and its identity (a file or folder replaced since
     changes it); an input from outside the pipeline: `tree_state`."""
@@ -106,7 +93,7 @@ def input_state(path: Path) -> Any:
     return tree_state(path)
 
 
-def fingerprint(cfg: PipelineConfig, s: Stage, key: Any) -> str:
+def fingerprint(cfg: PipelineConfig, s: Any, key: Any) -> str:
     """The digest of everything a run of stage `s` for `key` depends on (settings and inputs)."""
     parts = {
         "stage": s.name,
@@ -121,7 +108,7 @@ def fingerprint(cfg: PipelineConfig, s: Stage, key: Any) -> str:
     return hashlib.sha256(json_text(parts).encode()).hexdigest()
 
 
-def describe(s: Stage, key: Any) -> str:
+def describe(s: Any, key: Any) -> str:
     return s.command if key is None else f"{s.command} {key}"
 
 
@@ -130,7 +117,7 @@ class Guard:
     """One stage run holding its output's lock: `current` is the recorded result when the run can be skipped."""
 
     cfg: PipelineConfig
-    stage: Stage
+    stage: Any  # a `llava_core.pipeline.Stage` (not imported: the stage table calls this module)
     key: Any
     out: Path
     fingerprint: str
@@ -148,6 +135,7 @@ class Guard:
                 "fingerprint": self.fingerprint,
                 "output": _stat(self.out),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "finished_at": time.time(),
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "result": json.loads(json_text(result)),
@@ -156,18 +144,26 @@ class Guard:
 
 
 @contextmanager
-def guarded(cfg: PipelineConfig, s: Stage | str, key: Any = None, log_fn: Callable[[str], None] | None = None):
+def guarded(
+    cfg: PipelineConfig,
+    s: Any,
+    key: Any = None,
+    log_fn: Callable[[str], None] | None = None,
+    since: float | None = None,
+):
     """Hold the lock of stage `s`'s output for `key` (waiting for another run if needed); the guard says whether
-    the output is already current (`guard.current`), and `guard.done(result)` records a completed run."""
-    s = stage(s) if isinstance(s, str) else s
+    the output is already current (`guard.current`), and `guard.done(result)` records a completed run.
+
+    `since` (a time.time()): the caller has been waiting since then in a way the lock does not see (a Dagster run
+    queued for the `gpu` pool): an output made from the same inputs and settings after it is current too."""
     out = s.outs(cfg, key)[0]
     what = describe(s, key)
     with output_lock(out, what, log_fn) as wait:
         fp = fingerprint(cfg, s, key)  # under the lock: the inputs are what the last run left
         current = None
-        if wait.waited_s is not None:
-            record = read_record(out)
-            if record and record.get("fingerprint") == fp and record.get("output") == _stat(out):
+        record = read_record(out) if wait.waited_s is not None or since is not None else None
+        if record and (wait.waited_s is not None or record.get("finished_at", 0) > since):
+            if record.get("fingerprint") == fp and record.get("output") == _stat(out):
                 current = record["result"]
                 (log_fn or log.info)(
                     f"{what}: {out} was made by pid {record['pid']} on {record['host']} at {record['finished']} "
@@ -176,25 +172,15 @@ def guarded(cfg: PipelineConfig, s: Stage | str, key: Any = None, log_fn: Callab
         yield Guard(cfg, s, key, out, fp, wait, current)
 
 
-def one_at_a_time(stage_name: str) -> Callable:
-    """Decorate a stage function `fn(cfg, [key], ...)`: it runs holding its output's lock, and a run that waited for
-    another which made the same version returns that run's result (rebuilt as `fn`'s return type)."""
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(cfg: PipelineConfig, *args: Any, **kwargs: Any) -> Any:
-            s = stage(stage_name)
-            key = None if s.over is None else (args[0] if args else kwargs[s.over])
-            with guarded(cfg, s, key) as guard:
-                if guard.current is not None:
-                    return revive(typing.get_type_hints(fn)["return"], guard.current)
-                result = fn(cfg, *args, **kwargs)
-                guard.done(result)
-                return result
-
-        return run
-
-    return wrap
+def run_guarded(s: Any, cfg: PipelineConfig, key: Any, fn: Callable, **kwargs: Any) -> Any:
+    """`fn(cfg, [key], **kwargs)`, stage `s`'s function, holding its output's lock; when this run waited for
+    another which made the same version, that run's result instead (rebuilt as `fn`'s return type)."""
+    with guarded(cfg, s, key) as guard:
+        if guard.current is not None:
+            return revive(typing.get_type_hints(fn)["return"], guard.current)
+        result = fn(cfg, **kwargs) if key is None else fn(cfg, key, **kwargs)
+        guard.done(result)
+        return result
 
 
 # --- a recorded result back as its dataclass --------------------------------------------------------------------

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,12 @@ from llava_core.atomic import lock_path, output_lock
 from llava_core.data.sources import download
 from llava_core.data.validate import SuiteResult, ValidationResult
 from llava_core.params import load_config
-from llava_core.pipeline import STAGES
-from llava_core.stage_guard import STAGE_PARAMS, guarded, read_record, record_path, revive
+from llava_core.pipeline import STAGES, stage
+from llava_core.stage_guard import STAGE_PARAMS, guarded, read_record, record_path, revive, run_guarded
 from tests.conftest import PROJECT
 from tests.helpers_unit import base_params, write_params
 
+DOWNLOAD = stage("download")
 HOLDER = """
 import sys, time
 from llava_core.atomic import output_lock
@@ -101,12 +103,14 @@ def test_a_run_that_waited_for_the_same_version_returns_its_result(source_cfg):
     cfg = source_cfg
     out = cfg.raw_dir("synthetic_shapes")
     results: dict = {}
-    with guarded(cfg, "download", "synthetic_shapes") as first:
+    with guarded(cfg, DOWNLOAD, "synthetic_shapes") as first:
         assert first.current is None and first.wait.waited_s is None
-        second = threading.Thread(target=lambda: results.update(second=download(cfg, "synthetic_shapes")))
+        second = threading.Thread(
+            target=lambda: results.update(second=run_guarded(DOWNLOAD, cfg, "synthetic_shapes", download))
+        )
         second.start()
         wait_until(lambda: "synthetic_shapes" in lock_path(out).read_text(), "the first run holds the lock")
-        results["first"] = download.__wrapped__(cfg, "synthetic_shapes", refetch=True)  # the stage itself
+        results["first"] = download(cfg, "synthetic_shapes", refetch=True)  # the stage itself
         first.done(results["first"])
     second.join()
     assert results["second"] == results["first"] and isinstance(results["second"].path, Path)
@@ -117,14 +121,23 @@ def test_a_run_that_waited_for_the_same_version_returns_its_result(source_cfg):
     # other settings: the waiting run runs (its fingerprint differs from the record's)
     other = cfg.model_copy(deep=True)
     other.sources["synthetic_shapes"].options["num_pretrain"] = 9
-    with guarded(cfg, "download", "synthetic_shapes") as first:
-        t = threading.Thread(target=lambda: results.update(other=download(other, "synthetic_shapes")))
+    with guarded(cfg, DOWNLOAD, "synthetic_shapes") as first:
+        t = threading.Thread(
+            target=lambda: results.update(other=run_guarded(DOWNLOAD, other, "synthetic_shapes", download))
+        )
         t.start()
         wait_until(lambda: lock_path(out).read_text(), "the first run holds the lock")
     t.join()
     assert results["other"].skipped is False and results["other"].files != results["first"].files
     # a run that did not wait always runs: asking for a stage is asking for it to run
-    with guarded(other, "download", "synthetic_shapes") as g:
+    t0 = time.time()
+    with guarded(other, DOWNLOAD, "synthetic_shapes") as g:
+        assert g.current is None
+        g.done(download(other, "synthetic_shapes", refetch=True))
+    # unless it waited elsewhere since before the output was made (a Dagster run queued for the gpu pool)
+    with guarded(other, DOWNLOAD, "synthetic_shapes", since=t0) as g:
+        assert g.current is not None and g.current["files"] == results["other"].files
+    with guarded(other, DOWNLOAD, "synthetic_shapes", since=time.time()) as g:
         assert g.current is None
 
 

@@ -20,7 +20,6 @@ from llava_core.data.converters import CONVERTERS, ConvertInput, Drop  # noqa: F
 from llava_core.data.images import ImageRejected, check_image, resolve_image
 from llava_core.data.prompts import placeholder_problem, text_is_valid_unicode
 from llava_core.phases import choose
-from llava_core.stage_guard import one_at_a_time
 
 EXTRACTED = "extracted"  # images written by converters: data/raw/<source>/extracted/<dataset>/
 
@@ -102,7 +101,6 @@ def _source_files(cfg: PipelineConfig, dataset: str) -> list[Path]:
     return files
 
 
-@one_at_a_time("convert")
 def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> ConvertResult:
     """Convert one configured dataset to `data/jsonl/<dataset>.jsonl` and its `.report.json`.
 

@@ -41,7 +41,6 @@ from llava_core.config import PipelineConfig
 from llava_core.data.hdf5_examples import TaskResult, TaskRunner, WriterSpec, h5_file
 from llava_core.data.hdf5_format import STRING
 from llava_core.phases import get_phase
-from llava_core.stage_guard import one_at_a_time
 
 MAX_RECORDS_PER_TASK = 1024  # bounds a task's memory: 1024 x 4 x MSL int32 (32 MiB at MSL 2048)
 
@@ -285,7 +284,6 @@ def _data_params(cfg: PipelineConfig, phase: str, spec: WriterSpec, tok, geometr
     }
 
 
-@one_at_a_time("hdf5")
 def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
     """Tokenise the phase's jsonl files into shuffled HDF5 shards under `data/hdf5/<phase>/`."""
     inputs = _inputs(cfg, phase)

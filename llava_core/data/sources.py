@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_core.artifacts import MANIFEST, file_manifest
+from llava_core.artifacts import MANIFEST, file_manifest, tree_state
 from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.config import SOURCE_KIND_OPTIONS, PipelineConfig, SourceConfig
 from llava_core.data import synthetic
@@ -31,7 +31,6 @@ from llava_core.data.fetch import (
     s3_source_objects,
 )
 from llava_core.phases import choose
-from llava_core.stage_guard import one_at_a_time
 
 
 @dataclass
@@ -116,15 +115,12 @@ def source_state(cfg: PipelineConfig, source: str, client=None, remote: bool = T
     when `remote`). None for the kinds that the declaration pins: a generator's options, a Hub revision, a sha256."""
     src = cfg.sources[source]
     if src.kind == "local" and src.location:
-        from llava_core.stage_guard import tree_state
-
         return tree_state(Path(src.location).expanduser())
     if src.kind == "s3" and remote:
         return listing_digest(s3_source_objects(client or s3_client(src.options), src.location, src.patterns))
     return None
 
 
-@one_at_a_time("download")
 def download(cfg: PipelineConfig, source: str, refetch: bool = False) -> DownloadResult:
     """Fetch one source into `data/raw/<source>/` and write its manifest (files, sizes, sha256).
 

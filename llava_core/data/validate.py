@@ -26,7 +26,6 @@ from llava_core.data.hdf5_format import Hdf5Folder
 from llava_core.data.images import ImageChecker, ImageRejected
 from llava_core.data.prompts import PromptError, conversation_segments, placeholder_problem
 from llava_core.phases import get_phase
-from llava_core.stage_guard import one_at_a_time
 
 EXAMPLES_SHOWN = 5  # failing rows named per expectation in the summary
 
@@ -325,7 +324,6 @@ def _relative(path: Path, base: Path) -> str:
         return str(path)
 
 
-@one_at_a_time("validate")
 def validate_phase(cfg: PipelineConfig, phase: str) -> ValidationResult:
     """Run both suites on a built phase and write `data/hdf5/<phase>.validation.json`."""
     folder = cfg.hdf5_dir(get_phase(phase).name)

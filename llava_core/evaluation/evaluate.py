@@ -26,7 +26,6 @@ from llava_core.config import EvalConfig, PipelineConfig
 from llava_core.data.images import ImageRejected, check_image, clip_transform, load_rgb
 from llava_core.data.prompts import PROMPT_SUFFIXES, encode_conversation, text_is_valid_unicode
 from llava_core.evaluation.metrics import METRICS
-from llava_core.stage_guard import one_at_a_time
 
 
 @dataclass
@@ -230,7 +229,6 @@ def finish_report(cfg: PipelineConfig, records: list[dict], model_dir: Path) -> 
     return EvalResult(report_path, reports / ANSWERS, report)
 
 
-@one_at_a_time("evaluate")
 def evaluate(cfg: PipelineConfig) -> EvalResult:
     """Answer the held-out questions with `models/hf` and write `reports/answers.jsonl` + `reports/eval.json`.
 

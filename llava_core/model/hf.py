@@ -35,7 +35,6 @@ from llava_core.model.weights import (
     trim_vocab,
     vocab_rows,
 )
-from llava_core.stage_guard import one_at_a_time
 
 VOCAB_MULTIPLE = 64  # llava-hf pads its embeddings to a multiple of 64 after adding <image> (32000 -> 32064)
 
@@ -143,7 +142,6 @@ def hf_from_training(model: LlavaModel, tok) -> HFConversion:
     return HFConversion(build_hf_model(model, image_token_id, vocab), tok, image_token_id, rows, added)
 
 
-@one_at_a_time("export_hf")
 def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
     """Convert the finished `checkpoints/<phase>/` to `models/hf/` (atomic: temporary folder, then rename)."""
     from transformers import AutoTokenizer, LlavaProcessor

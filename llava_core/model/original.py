@@ -29,7 +29,6 @@ from llava_core.model.weights import (
     reverse_map,
     vocab_rows,
 )
-from llava_core.stage_guard import one_at_a_time
 
 LLAVA_IMAGE_DIR = "image_model"
 
@@ -118,7 +117,6 @@ def write_llava_original(model: LlavaModel, tok, folder: Path, vision_tower: str
     tok.save_pretrained(text_dir)
 
 
-@one_at_a_time("export_llava")
 def export_llava(cfg: PipelineConfig, phase: str = "phase2") -> LlavaExportResult:
     """Convert the finished `checkpoints/<phase>/` to the original LLaVA layout in `models/llava/` (atomic).
 

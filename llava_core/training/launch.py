@@ -17,7 +17,6 @@ from llava_core.artifacts import TRAIN_SUMMARY
 from llava_core.atomic import write_json_atomic
 from llava_core.config import PipelineConfig
 from llava_core.phases import get_phase
-from llava_core.stage_guard import one_at_a_time
 
 
 @dataclass
@@ -60,7 +59,6 @@ def finished(cfg: PipelineConfig, phase: str) -> TrainResult:
     return TrainResult(phase, out, summary["steps"], summary["final_loss"], summary)
 
 
-@one_at_a_time("train")
 def train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> TrainResult:
     """Stage function: run one phase under `accelerate launch` and return its summary."""
     cmd = launch_command(cfg, phase, num_processes)
