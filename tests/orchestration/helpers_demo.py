@@ -62,7 +62,12 @@ class Demo:
 
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "orchestration", "run"], cwd=self.repo, env=self.env, capture_output=True, text=True
+            # from the checkout, as `make demo` (the repository holds a copy of llava_core, for DVC's deps)
+            [sys.executable, "-m", "orchestration", "run"],
+            cwd=PROJECT,
+            env=self.env,
+            capture_output=True,
+            text=True,
         )
         self.seconds = time.perf_counter() - t0
         assert proc.returncode == 0, proc.stderr[-5000:]
