@@ -29,6 +29,7 @@ def retrain_schedule(
     cron: str | None = None,
     timezone: str | None = None,
     force: bool | None = None,
+    all_assets: list[dg.AssetsDefinition] | None = None,
 ):
     """`weekly_retrain`: on a cron (`LLAVA_RETRAIN_CRON`, default Mondays 03:00, in `LLAVA_RETRAIN_TZ`, default UTC),
     one run of the assets whose source, settings or inputs changed and what derives from them, the changed
@@ -51,9 +52,12 @@ def retrain_schedule(
         context.log.info(plan.summary())
         if not plan.reasons:
             return dg.SkipReason(plan.summary())
+        keys = [dg.AssetKey(k) for k in plan.reasons]
+        if all_assets:  # and what derives from them outside the stage table (published_model)
+            keys = sorted(dg.AssetSelection.assets(*keys).downstream().resolve(all_assets), key=str)
         return dg.RunRequest(
             run_key=f"retrain-{when.isoformat()}",
-            asset_selection=[dg.AssetKey(k) for k in plan.reasons],
+            asset_selection=keys,
             run_config={
                 "ops": {raw_key(s).to_python_identifier(): {"config": {"refetch": True}} for s in plan.refetch}
             },
