@@ -43,7 +43,7 @@ def build_train_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
             c = settings.load()
             # the checkpoint's lock, as `llava-pipeline train` takes it: one training of this phase at a time
             # a run that waited for the pool (another run training this phase) counts as having waited for the lock
-            run = context.instance.get_run_record_by_id(context.run_id)
+            run = context.instance.get_run_record_by_id(context.run.run_id)
             started = run.start_time if run else None
             with guarded(c, STAGE, phase, context.log.info, since=started) as guard:
                 if guard.current is not None:  # another run trained it from the same inputs while this one waited
