@@ -11,6 +11,10 @@ WHEELS   ?= /opt/wheels
 VENV     ?= .venv
 DVC_VENV ?= .venv-dvc
 VPY      := $(VENV)/bin/python
+# Dagster's instance (run history, schedules) for `make demo` and `make dagster`. The UI listens on loopback only;
+# DAGSTER_HOST=0.0.0.0 opens it to the network (behind your own auth proxy).
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+DAGSTER_HOST ?= 127.0.0.1
 
 # The base interpreter behind PY (also when PY is a venv's or pyenv's), and its version, for the stamp.
 PY_INFO  := $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2], getattr(sys, "_base_executable", sys.executable))' 2>/dev/null)
@@ -42,8 +46,11 @@ $(STAMP): pyproject.toml requirements-$(ACCEL_BUILD).lock requirements-dvc.lock 
 	$(PYTHON) scripts/setup_env.py --accel $(ACCEL_BUILD) --venv $(VENV) --dvc-venv $(DVC_VENV) --wheels $(WHEELS) \
 	    --stamp $@
 
-demo: setup  ## the whole pipeline on the embedded default, then the eval report
-	$(VENV)/bin/llava-pipeline --params params.yaml all
+# The demo runs as the Dagster job llava_pipeline on make dagster's instance, so the UI shows its runs and assets
+# (orchestration/launch.py); each asset records its stage in dvc.lock. `llava-pipeline all` runs the same stages
+# without Dagster.
+demo: setup $(DAGSTER_HOME)/dagster.yaml  ## the whole pipeline on the embedded default (in Dagster), then the eval report
+	DAGSTER_HOME=$(DAGSTER_HOME) $(VPY) -m orchestration run
 
 test: setup  ## the full test suite (unit + end-to-end on the tiny preset)
 	$(VENV)/bin/pytest -q
@@ -78,10 +85,6 @@ lock:  ## re-pin requirements-{cuda,cpu,dvc}.lock after changing pyproject.toml 
 	    -o requirements-cpu.lock; \
 	$(VENV)/bin/uv pip compile -q --no-config --group pyproject.toml:dvc $(LOCK_OPTS) $(UPGRADE_OPT) -o requirements-dvc.lock
 
-
-DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-# The UI listens on loopback only; DAGSTER_HOST=0.0.0.0 opens it to the network (behind your own auth proxy).
-DAGSTER_HOST ?= 127.0.0.1
 
 dagster: setup $(DAGSTER_HOME)/dagster.yaml  ## the Dagster UI on http://127.0.0.1:3000 (run history in DAGSTER_HOME)
 	DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -h $(DAGSTER_HOST) -p 3000

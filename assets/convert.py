@@ -5,6 +5,7 @@ import dagster as dg
 from llava_core.config import PipelineConfig
 from llava_core.data.convert import convert
 from llava_core.pipeline import asset_inputs, stage
+from llava_core.stage_guard import run_guarded
 
 STAGE = stage("convert")
 
@@ -24,7 +25,7 @@ def build_convert_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         )
         def _jsonl(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             settings = context.resources.settings
-            r = convert(settings.load(), dataset)
+            r = run_guarded(STAGE, settings.load(), dataset, convert)
             metadata = {
                 "path": dg.MetadataValue.path(str(r.path)),
                 "report": dg.MetadataValue.path(str(r.report_path)),

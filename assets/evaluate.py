@@ -1,9 +1,14 @@
 """Stage 5b asset: `eval_report` (reports/eval.json), with a metrics table per task as metadata."""
 
+from pathlib import Path
+
 import dagster as dg
 
+from llava_core.artifacts import EVAL_PLOT
 from llava_core.config import PipelineConfig
 from llava_core.pipeline import asset_inputs, stage
+from llava_core.plots import png_markdown
+from llava_core.stage_guard import run_guarded
 
 STAGE = stage("evaluate")
 
@@ -23,7 +28,7 @@ def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         from llava_core.evaluation.evaluate import evaluate  # torch: imported by this step only (assets/__init__)
 
         settings = context.resources.settings
-        r = evaluate(settings.load())
+        r = run_guarded(STAGE, settings.load(), None, evaluate)
         result = dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))
         return settings.record_version(name, result)
 
@@ -45,6 +50,9 @@ def report_metadata(report: dict, path: str) -> dict:
         "overall_accuracy": report["overall_accuracy"],
         "by_category": dg.MetadataValue.md(_table(rows)),
     }
+    picture = Path(path).with_name(EVAL_PLOT)
+    if picture.is_file():  # drawn by the evaluation beside the report
+        meta["scores_plot"] = dg.MetadataValue.md(png_markdown(picture.read_bytes(), "score per category"))
     for c, m in by.items():
         values = {k: v for k, v in m.items() if k not in ("metric", "n") and isinstance(v, (int, float))}
         meta[f"metrics/{c}"] = dg.MetadataValue.table(

@@ -11,6 +11,7 @@ from llava_core.artifacts import TRAIN_SUMMARY
 from llava_core.config import PipelineConfig
 from llava_core.phases import FINAL_PHASE
 from llava_core.pipeline import asset_inputs, stage
+from llava_core.stage_guard import run_guarded
 
 HF, LLAVA = stage("export_hf"), stage("export_llava")
 
@@ -42,7 +43,7 @@ def build_export_assets(
 
         settings = context.resources.settings
         c = settings.load()
-        r = export_hf(c)
+        r = run_guarded(HF, c, None, export_hf)
         metadata = {
             "path": dg.MetadataValue.path(str(r.path)),
             "parameters": r.parameters,
@@ -64,7 +65,7 @@ def build_export_assets(
 
         settings = context.resources.settings
         c = settings.load()
-        r = export_llava(c)
+        r = run_guarded(LLAVA, c, None, export_llava)
         metadata = {
             "path": dg.MetadataValue.path(str(r.path)),
             "parameters": r.parameters,

@@ -6,6 +6,7 @@ import dagster as dg
 from llava_core.config import PipelineConfig
 from llava_core.data.hdf5_writer import build_hdf5
 from llava_core.pipeline import asset_inputs, stage
+from llava_core.stage_guard import run_guarded
 
 STAGE, GATE = stage("hdf5"), stage("validate")
 SUITES = ("jsonl", "hdf5")
@@ -29,7 +30,7 @@ def build_hdf5_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         )
         def _hdf5(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             settings = context.resources.settings
-            r = build_hdf5(settings.load(), phase)
+            r = run_guarded(STAGE, settings.load(), phase, build_hdf5)
             metadata = {
                 "path": dg.MetadataValue.path(str(r.path)),
                 "examples": r.examples,
@@ -66,7 +67,7 @@ def build_hdf5_checks(cfg: PipelineConfig) -> list[dg.AssetChecksDefinition]:
             from llava_core.data.validate import describe, validate_phase  # pandas, Great Expectations: this step only
 
             settings = context.resources.settings
-            r = validate_phase(settings.load(), phase)
+            r = run_guarded(GATE, settings.load(), phase, validate_phase)
             # a failed gate is not recorded in dvc.lock: `dvc repro` runs it again (and stops there), as it would
             dvc_lock = settings.commit_gate(GATE.dvc_name(phase)) if r.success else "not committed: the gate failed"
             for suite in SUITES:

@@ -7,10 +7,14 @@ process, never in the asset. The assets run in the concurrency pool `gpu` (set i
 training jobs the machine can hold, e.g. `dagster instance concurrency set gpu 1`).
 """
 
+import json
+
 import dagster as dg
 
+from llava_core.artifacts import LOSS_PLOT, METRICS, TRAIN_SUMMARY
 from llava_core.config import PipelineConfig
 from llava_core.pipeline import asset_inputs, stage
+from llava_core.stage_guard import guarded
 from llava_core.training.launch import finished, launch_command, launch_env
 
 TRAIN_POOL = "gpu"
@@ -37,15 +41,38 @@ def build_train_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         def _ckpt(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             settings = context.resources.settings
             c = settings.load()
-            invocation = dg.PipesSubprocessClient().run(
-                context=context, command=launch_command(c, phase), env=launch_env()
-            )
-            custom = invocation.get_custom_messages()
-            finished(c, phase)  # the summary must be there (a complete checkpoint); removes the launch spec
-            reported = invocation.get_materialize_result()  # what the training process reported through Pipes
-            result = dg.MaterializeResult(metadata={**reported.metadata, "pipes_metrics_records": len(custom)})
-            return settings.record_version(name, result)
+            # the checkpoint's lock, as `llava-pipeline train` takes it: one training of this phase at a time
+            # a run that waited for the pool (another run training this phase) counts as having waited for the lock
+            run = context.instance.get_run_record_by_id(context.run.run_id)
+            started = run.start_time if run else None
+            with guarded(c, STAGE, phase, context.log.info, since=started) as guard:
+                if guard.current is not None:  # another run trained it from the same inputs while this one waited
+                    return settings.record_version(name, dg.MaterializeResult(metadata=recorded_metadata(c, phase)))
+                invocation = dg.PipesSubprocessClient().run(
+                    context=context, command=launch_command(c, phase), env=launch_env()
+                )
+                custom = invocation.get_custom_messages()
+                # the summary must be there (a complete checkpoint); removes the launch spec
+                guard.done(finished(c, phase))
+                reported = invocation.get_materialize_result()  # what the training process reported through Pipes
+                result = dg.MaterializeResult(metadata={**reported.metadata, "pipes_metrics_records": len(custom)})
+                return settings.record_version(name, result)
 
         return _ckpt
 
     return [make(p) for p in STAGE.keys(cfg)]
+
+
+def recorded_metadata(cfg: PipelineConfig, phase: str) -> dict:
+    """The metadata the training process reports, read back from a finished checkpoint (one this run did not train)."""
+    from llava_core.training.observe import read_metrics, summary_metadata
+
+    folder = cfg.checkpoint_dir(phase)
+    picture = folder / LOSS_PLOT
+    png = picture.read_bytes() if picture.is_file() else None
+    summary = json.loads((folder / TRAIN_SUMMARY).read_text())
+    meta = summary_metadata(summary, read_metrics(folder / METRICS), folder, png)
+    kinds = {"path": dg.MetadataValue.path, "md": dg.MetadataValue.md}
+    return {k: kinds[v["type"]](v["raw_value"]) if isinstance(v, dict) else v for k, v in meta.items()} | {
+        "trained_by": "another run (this one waited for its lock)"
+    }

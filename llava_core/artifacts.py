@@ -8,6 +8,7 @@ the files inside them that another stage, a test or a user reads.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 # stage 1: data/raw/<source>/
@@ -26,6 +27,7 @@ WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 METRICS = "metrics.jsonl"  # one JSON record per logged step
 LOSS_CURVE = "loss_curve.csv"  # the same records for `dvc plots`
+LOSS_PLOT = "loss_curve.png"  # loss and learning rate against step, drawn at the end of the phase
 RESUME_KEY = "resume_key.json"  # inside the partial run: what a resume must match
 # stage 5: models/hf, models/llava, reports/
 EXPORT_INFO = "export_info.json"  # which checkpoint, image token, what the export added
@@ -33,6 +35,10 @@ IMPORT_INFO = "import_info.json"
 EVAL_REPORT = "eval.json"
 ANSWERS = "answers.jsonl"
 REVIEWS = "reviews.jsonl"  # the judge's reviews, one per answer
+EVAL_PLOT = "eval_scores.png"  # the per-category scores as bars
+# beside every stage output (llava_core/stage_guard.py): its lock, and the record of the run that made it
+LOCK_FILE = ".{name}.lock"  # who holds it (pid, host, command, start time); emptied on a clean release
+RUN_RECORD = ".{name}.run.json"  # fingerprint of the inputs and settings, who made it, its result
 
 CHUNK = 1 << 20
 
@@ -54,3 +60,15 @@ def file_manifest(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> list[
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in exclude
     ]
+
+
+def tree_state(path: Path) -> str:
+    """A digest of every file's path, size and modification time under `path` (no content read)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    rows = [
+        (p.relative_to(path).as_posix() if p != path else "", p.stat().st_size, p.stat().st_mtime_ns) for p in files
+    ]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()

@@ -3,7 +3,8 @@ its inputs and its outputs. The CLI, the Dagster assets and `dvc.yaml` all read 
 
 Each stage's `run(cfg, key)` calls the stage's one function (`sources.download`, `convert.convert`,
 `hdf5_writer.build_hdf5`, `validate.validate_phase`, `launch.train`, `hf.export_hf`, `original.export_llava`,
-`evaluate.evaluate`) and returns a JSON-ready summary. Stage modules are imported
+`evaluate.evaluate`) holding its output's lock (`stage_guard.run_guarded`, as the Dagster assets do) and returns
+a JSON-ready summary. Stage modules are imported
 inside the runners: `dvc repro` starts one process per stage, and the data stages should not pay for
 importing torch and transformers.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from llava_core.artifacts import ANSWERS
 from llava_core.config import PipelineConfig
 from llava_core.phases import FINAL_PHASE, PHASE_NAMES, choose, get_phase
+from llava_core.stage_guard import run_guarded
 
 
 def plain(result: Any) -> dict:
@@ -32,26 +34,26 @@ def plain(result: Any) -> dict:
 def run_download(cfg: PipelineConfig, source: str, refetch: bool = False) -> dict:
     from llava_core.data.sources import download
 
-    return plain(download(cfg, source, refetch=refetch))
+    return plain(run_guarded(stage("download"), cfg, source, download, refetch=refetch))
 
 
 def run_convert(cfg: PipelineConfig, dataset: str) -> dict:
     from llava_core.data.convert import convert
 
-    return plain(convert(cfg, dataset))
+    return plain(run_guarded(stage("convert"), cfg, dataset, convert))
 
 
 def run_hdf5(cfg: PipelineConfig, phase: str) -> dict:
     from llava_core.data.hdf5_writer import build_hdf5
 
-    return plain(build_hdf5(cfg, phase))
+    return plain(run_guarded(stage("hdf5"), cfg, phase, build_hdf5))
 
 
 def run_validate(cfg: PipelineConfig, phase: str) -> dict:
     """The data gate: both suites on the built phase; raises `ValidationFailed` (its summary) on failure."""
     from llava_core.data.validate import ValidationFailed, validate_phase
 
-    r = validate_phase(cfg, phase)
+    r = run_guarded(stage("validate"), cfg, phase, validate_phase)
     if not r.success:
         raise ValidationFailed(r.summary())
     return {"phase": phase, "path": str(r.path), "success": True, "summary": r.summary()}
@@ -60,25 +62,25 @@ def run_validate(cfg: PipelineConfig, phase: str) -> dict:
 def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> dict:
     from llava_core.training.launch import train  # starts the training process; no torch here
 
-    return plain(train(cfg, phase, num_processes=num_processes))
+    return plain(run_guarded(stage("train"), cfg, phase, train, num_processes=num_processes))
 
 
 def run_export(cfg: PipelineConfig, _key: None = None) -> dict:
     from llava_core.model.hf import export_hf
 
-    return plain(export_hf(cfg))
+    return plain(run_guarded(stage("export_hf"), cfg, None, export_hf))
 
 
 def run_export_llava(cfg: PipelineConfig, _key: None = None) -> dict:
     from llava_core.model.original import export_llava
 
-    return plain(export_llava(cfg))
+    return plain(run_guarded(stage("export_llava"), cfg, None, export_llava))
 
 
 def run_evaluate(cfg: PipelineConfig, _key: None = None) -> dict:
     from llava_core.evaluation.evaluate import evaluate
 
-    return evaluate(cfg).report
+    return run_guarded(stage("evaluate"), cfg, None, evaluate).report
 
 
 # --- the table -------------------------------------------------------------------------------------------------

@@ -14,26 +14,58 @@ import dagster as dg
 
 from assets.download import raw_key
 from llava_core.config import PipelineConfig
-from llava_core.data.fetch import s3_source_objects
+from llava_core.data.fetch import listing_digest, s3_source_objects
 from orchestration.dvc import DvcRepo
 from orchestration.resources import PipelineSettings, S3Resource
+from orchestration.retrain import plan_retrain
 from orchestration.versioning import latest_data_version, lock_sync_events
 
 DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
 TRIGGER_TAG = "llava/trigger"
 
 
-def retrain_schedule(job: dg.UnresolvedAssetJobDefinition, cron: str | None = None, timezone: str | None = None):
-    """`weekly_retrain`: the whole pipeline on a cron (`LLAVA_RETRAIN_CRON`, default Mondays 03:00,
-    in `LLAVA_RETRAIN_TZ`, default UTC)."""
+def retrain_schedule(
+    job: dg.UnresolvedAssetJobDefinition,
+    cron: str | None = None,
+    timezone: str | None = None,
+    force: bool | None = None,
+    all_assets: list[dg.AssetsDefinition] | None = None,
+):
+    """`weekly_retrain`: on a cron (`LLAVA_RETRAIN_CRON`, default Mondays 03:00, in `LLAVA_RETRAIN_TZ`, default UTC),
+    one run of the assets whose source, settings or inputs changed and what derives from them, the changed
+    sources fetched again (orchestration/retrain.py); nothing new: no run, the tick's skip reason says "up to
+    date". `force` (`LLAVA_RETRAIN_FORCE=1`): every tick runs the whole job, every source fetched again."""
     cron = cron or os.environ.get("LLAVA_RETRAIN_CRON", DEFAULT_RETRAIN_CRON)
     timezone = timezone or os.environ.get("LLAVA_RETRAIN_TZ", "UTC")
+    force = os.environ.get("LLAVA_RETRAIN_FORCE", "0") == "1" if force is None else force
 
-    def weekly_retrain(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    def weekly_retrain(
+        context: dg.ScheduleEvaluationContext, settings: PipelineSettings, s3: S3Resource
+    ) -> dg.RunRequest | dg.SkipReason:
         when = context.scheduled_execution_time
+        plan = plan_retrain(
+            settings.load(),
+            context.instance,
+            lambda src: s3.client(src.options.get("endpoint_url"), src.options.get("region")),
+            force=force,
+        )
+        context.log.info(plan.summary())
+        if not plan.reasons:
+            return dg.SkipReason(plan.summary())
+        keys = [dg.AssetKey(k) for k in plan.reasons]
+        if all_assets:  # and what derives from them outside the stage table (published_model)
+            keys = sorted(dg.AssetSelection.assets(*keys).downstream().resolve(all_assets), key=str)
         return dg.RunRequest(
             run_key=f"retrain-{when.isoformat()}",
-            tags={TRIGGER_TAG: "schedule", "llava/scheduled_for": when.isoformat()},
+            asset_selection=keys,
+            run_config={
+                "ops": {raw_key(s).to_python_identifier(): {"config": {"refetch": True}} for s in plan.refetch}
+            },
+            tags={
+                TRIGGER_TAG: "schedule",
+                "llava/scheduled_for": when.isoformat(),
+                "llava/retrain": f"{len(plan.reasons)} of {plan.checked} assets" + (" (forced)" if force else ""),
+            },
         )
 
     try:
@@ -43,18 +75,12 @@ def retrain_schedule(job: dg.UnresolvedAssetJobDefinition, cron: str | None = No
             cron_schedule=cron,
             execution_timezone=timezone,
             default_status=dg.DefaultScheduleStatus.STOPPED,
-            description=f"Runs `{job.name}` (download -> eval) on `{cron}` ({timezone}).",
+            description=f"Runs what changed in `{job.name}` (download -> eval) on `{cron}` ({timezone}).",
         )(weekly_retrain)
     except dg.DagsterInvalidDefinitionError as e:
         raise ValueError(
             f"LLAVA_RETRAIN_CRON={cron!r}: not a valid schedule (e.g. {DEFAULT_RETRAIN_CRON!r}): {e}"
         ) from None
-
-
-def listing_digest(objects: list[dict]) -> str:
-    """One digest of a prefix listing: any new, removed or changed object (size, ETag, time) changes it."""
-    rows = sorted((o["rel"], o["size"], o["etag"], o["last_modified"]) for o in objects)
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def s3_source_sensor(cfg: PipelineConfig, job, all_assets: list[dg.AssetsDefinition]) -> dg.SensorDefinition:

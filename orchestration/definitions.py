@@ -132,7 +132,7 @@ def build_definitions(params_path: str | None = None, env: str | None = None) ->
         assets=all_assets,
         asset_checks=build_checks(cfg),
         jobs=list(jobs.values()),
-        schedules=[retrain_schedule(full)],
+        schedules=[retrain_schedule(full, all_assets=all_assets)],
         sensors=[s3_source_sensor(cfg, full, all_assets), dvc_lock_sensor(all_assets)],
         resources=build_resources(params_path, env),
         executor=build_executor(),

@@ -10,12 +10,16 @@ version, with the stage's dep hashes as the input data versions, so Dagster sees
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import dagster as dg
 
+from llava_core.atomic import json_text
 from llava_core.config import PipelineConfig
+from llava_core.pipeline import steps
+from llava_core.stage_guard import read_record, settings_view
 from orchestration.dvc import DvcIgnore, DvcRepo, commit, dvc_hash, dvc_stages, lock_hashes
 
 # Dagster's tag names for the data version of a materialisation and the versions of its inputs (what
@@ -23,6 +27,8 @@ from orchestration.dvc import DvcIgnore, DvcRepo, commit, dvc_hash, dvc_stages, 
 DATA_VERSION_TAG = "dagster/data_version"
 DATA_VERSION_IS_USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
 CODE_VERSION_TAG = "dagster/code_version"
+# Ours: what the retrain planner (orchestration/retrain.py) compares with the present
+SETTINGS_TAG = "llava/settings"  # digest of the settings the stage read
 
 
 def input_tags(parent: dg.AssetKey, version: str) -> dict[str, str]:
@@ -61,14 +67,28 @@ def record_version(result: dg.MaterializeResult, asset: str, settings) -> dg.Mat
         if settings.dvc_remote:
             repo.run("push", "--quiet", "--remote", settings.dvc_remote, stage.name)
             meta["dvc_remote"] = settings.dvc_remote
+    made = read_record(stage.outs[0])
+    if made:  # the run that made it: this one, or another that this one waited for (llava_core/stage_guard.py)
+        meta["made_by"] = f"pid {made['pid']} on {made['host']} at {made['finished']}"
     return dg.MaterializeResult(
         asset_key=result.asset_key,
         metadata={**(result.metadata or {}), **meta},
         check_results=result.check_results,
         data_version=dg.DataVersion(primary.md5),
-        tags=result.tags,
+        tags={**(result.tags or {}), SETTINGS_TAG: settings_digest(cfg, asset)},
         value=result.value,
     )
+
+
+def settings_digest(cfg: PipelineConfig, asset: str) -> str:
+    """A digest of the settings the asset's stage reads (the params sections DVC lists for it)."""
+    s, key = asset_steps(cfg)[asset]
+    return hashlib.sha256(json_text(settings_view(cfg, s, key)).encode()).hexdigest()[:16]
+
+
+def asset_steps(cfg: PipelineConfig) -> dict[str, tuple]:
+    """Asset name -> the (stage, key) that materialises it."""
+    return {s.asset_name(k): (s, k) for s, k in steps(cfg) if s.asset is not None}
 
 
 def commit_gate(settings, stage_name: str) -> str:

@@ -92,3 +92,15 @@ def faulted_pipeline(tmp_path_factory):
     with FaultedPipeline(tmp_path_factory.mktemp("faulted")) as pipeline:
         pipeline.run()
         yield pipeline
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`make demo` (`python -m orchestration run`) on a small DVC workspace with its own DAGSTER_HOME
+    (tests/orchestration/helpers_demo.py). Shared: the UI test reads what it left; the retrain test changes a source
+    and retrains what changed (each test asserts on the instance's latest state, not on the demo's run alone)."""
+    from tests.orchestration.helpers_demo import Demo
+
+    demo = Demo.create(tmp_path_factory.mktemp("demo"))
+    demo.run()
+    return demo

@@ -42,11 +42,16 @@ def tree_digests(root: Path) -> dict[str, str]:
     }
 
 
+# Hidden files beside an output that stay on purpose: a download's `.work` folder (it resumes), and each output's
+# lock and the record of the run that made it (llava_core/stage_guard.py).
+KEPT_SUFFIXES = (".work", ".lock", ".run.json")
+
+
 def hidden_leftovers(final: Path) -> list[str]:
-    """Temporaries beside `final` or inside it (a download's `.work` folder is kept on purpose: it resumes)."""
+    """Temporaries beside `final` or inside it (what `KEPT_SUFFIXES` names stays on purpose)."""
     places = [final.parent] + ([final] if final.is_dir() else [])
     return sorted(
-        p.name for d in places for p in d.iterdir() if p.name.startswith(".") and not p.name.endswith(".work")
+        p.name for d in places for p in d.iterdir() if p.name.startswith(".") and not p.name.endswith(KEPT_SUFFIXES)
     )
 
 

@@ -58,6 +58,7 @@ from llava_core.data.hdf5_writer import build_hdf5
 from llava_core.data.sources import download
 from llava_core.data.tokenizer import TokenizerError
 from llava_core.params import load_config
+from tests.helpers_reliability import KEPT_SUFFIXES
 from tests.helpers_unit import TINY_TOKENIZER, base_params, conv, png_bytes, write_params, write_png
 
 
@@ -777,7 +778,7 @@ def _check_no_temporaries(folder: Path) -> None:
     """No hidden temporaries beside the final path; a download's work folder (`.<source>.work`, what a failed
     transfer resumes from) is meant to stay."""
     if folder.is_dir():
-        left = [p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".work")]
+        left = [p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(KEPT_SUFFIXES)]
         assert not left, f"temporary files left in {folder}: {left}"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import http.client
+import json
 import lzma
 import math
 import os
@@ -241,6 +242,12 @@ def list_s3(client, bucket: str, prefix: str) -> list[dict]:
                 }
             )
     return out
+
+
+def listing_digest(objects: list[dict]) -> str:
+    """One digest of a prefix listing: any new, removed or changed object (size, ETag, time) changes it."""
+    rows = sorted((o["rel"], o["size"], o["etag"], o["last_modified"]) for o in objects)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def s3_source_objects(client, location: str, patterns: list[str]) -> list[dict]:

@@ -17,11 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_core.artifacts import MANIFEST, file_manifest
+from llava_core.artifacts import MANIFEST, file_manifest, tree_state
 from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.config import SOURCE_KIND_OPTIONS, PipelineConfig, SourceConfig
 from llava_core.data import synthetic
-from llava_core.data.fetch import extract_all, fetch_hf, fetch_http, fetch_s3
+from llava_core.data.fetch import (
+    extract_all,
+    fetch_hf,
+    fetch_http,
+    fetch_s3,
+    listing_digest,
+    s3_client,
+    s3_source_objects,
+)
 from llava_core.phases import choose
 
 
@@ -99,6 +107,18 @@ def declaration_of(src: SourceConfig) -> dict:
     extra = {"revision": src.revision, "sha256": src.sha256, "patterns": src.patterns, "extract": src.extract}
     decl.update({k: v for k, v in extra.items() if v})
     return decl
+
+
+def source_state(cfg: PipelineConfig, source: str, client=None, remote: bool = True) -> str | None:
+    """What a source holds now, beyond its declaration: a digest of a local folder's files (paths, sizes, times) or
+    of an S3 prefix's listing (keys, sizes, ETags, times; with `client`, else one from the source's options; only
+    when `remote`). None for the kinds that the declaration pins: a generator's options, a Hub revision, a sha256."""
+    src = cfg.sources[source]
+    if src.kind == "local" and src.location:
+        return tree_state(Path(src.location).expanduser())
+    if src.kind == "s3" and remote:
+        return listing_digest(s3_source_objects(client or s3_client(src.options), src.location, src.patterns))
+    return None
 
 
 def download(cfg: PipelineConfig, source: str, refetch: bool = False) -> DownloadResult:

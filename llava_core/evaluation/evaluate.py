@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llava_core.artifacts import ANSWERS, EVAL_REPORT, EXPORT_INFO, REVIEWS
+from llava_core.artifacts import ANSWERS, EVAL_PLOT, EVAL_REPORT, EXPORT_INFO, REVIEWS
 from llava_core.atomic import staged, write_json_atomic
 from llava_core.config import EvalConfig, PipelineConfig
 from llava_core.data.images import ImageRejected, check_image, clip_transform, load_rgb
@@ -222,6 +222,10 @@ def finish_report(cfg: PipelineConfig, records: list[dict], model_dir: Path) -> 
         report["judge"] = review_answers(records, JudgeClient.from_config(jc), reports / REVIEWS, jc.categories)
     report_path = reports / EVAL_REPORT
     write_json_atomic(report_path, report)
+    if report["by_category"]:
+        from llava_core.plots import scores_plot
+
+        scores_plot(report["by_category"], reports / EVAL_PLOT)
     return EvalResult(report_path, reports / ANSWERS, report)
 
 

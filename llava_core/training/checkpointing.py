@@ -15,7 +15,15 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from llava_core.artifacts import DATA_PARAMS, LOSS_CURVE, RESUME_KEY, RUN_CONFIG, TOKENIZER_DIR, TRAIN_SUMMARY
+from llava_core.artifacts import (
+    DATA_PARAMS,
+    LOSS_CURVE,
+    LOSS_PLOT,
+    RESUME_KEY,
+    RUN_CONFIG,
+    TOKENIZER_DIR,
+    TRAIN_SUMMARY,
+)
 from llava_core.atomic import replace_dir, write_json_atomic
 from llava_core.config import PipelineConfig
 from llava_core.phases import get_phase
@@ -168,6 +176,7 @@ class Checkpointer:
     def save_final(self, model, tokenizer, summary: dict, records: list[dict], observer) -> None:
         """The finished checkpoint: merged weights (+ LoRA adapters), tokenizer, config, metrics, summary."""
         from llava_core.model.llava import has_lora, save_model
+        from llava_core.plots import loss_plot
         from llava_core.training.observe import summary_metadata, write_loss_curve
 
         acc = self.acc
@@ -180,13 +189,14 @@ class Checkpointer:
             save_model(unwrapped, self.work, state)
             tokenizer.save_pretrained(self.work / TOKENIZER_DIR)
             write_loss_curve(records, self.work / LOSS_CURVE)
+            png = loss_plot(records, self.work / LOSS_PLOT, self.phase) if records else None
             write_json_atomic(self.work / RUN_CONFIG, self.cfg.stage_view("model", "train", "hdf5"))
             for old in step_checkpoints(self.work):  # the finished weights supersede the resume points
                 shutil.rmtree(old)
             (self.work / RESUME_KEY).unlink(missing_ok=True)
             write_json_atomic(self.work / TRAIN_SUMMARY, summary)  # last: marks the checkpoint complete
             replace_dir(self.work, self.out)
-            observer.finish(summary_metadata(summary, records, self.out))
+            observer.finish(summary_metadata(summary, records, self.out, png))
         elif observer is not None:
             observer.close()
         acc.wait_for_everyone()

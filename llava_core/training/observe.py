@@ -150,30 +150,27 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))] for v in values)
 
 
-def loss_curve_markdown(records: list[dict], rows: int = 20) -> str:
-    """The loss curve as a sparkline and a table (at most `rows` rows) for the asset's metadata."""
+def loss_curve_markdown(records: list[dict]) -> str:
+    """The loss curve in one line for the asset's metadata: a sparkline, the first and the last loss."""
     if not records:
         return "no steps logged"
-    picked = downsample(records, rows)
-    lines = [
+    return (
         f"loss {sparkline([r['loss'] for r in downsample(records, 60)])} "
-        f"({records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} over {records[-1]['step']} steps)",
-        "",
-        "| step | loss | lr | grad norm |",
-        "|---:|---:|---:|---:|",
-    ]
-    for r in picked:
-        gn = "" if r.get("grad_norm") is None else f"{r['grad_norm']:.3f}"
-        lines.append(f"| {r['step']} | {r['loss']:.4f} | {r['lr']:.2e} | {gn} |")
-    return "\n".join(lines)
+        f"({records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} over {records[-1]['step']} steps)"
+    )
 
 
-def summary_metadata(summary: dict, records: list[dict], folder: Path) -> dict[str, Any]:
-    """The asset metadata of a finished phase, as Pipes metadata values (raw values are inferred)."""
+def summary_metadata(summary: dict, records: list[dict], folder: Path, png: bytes | None = None) -> dict[str, Any]:
+    """The asset metadata of a finished phase, as Pipes metadata values (raw values are inferred); `png`: the
+    picture of the loss and learning-rate curves (`loss_plot`, shown by the UI's "Show Markdown")."""
     meta: dict[str, Any] = {
         "path": {"raw_value": str(folder), "type": "path"},
         "loss_curve": {"raw_value": loss_curve_markdown(records), "type": "md"},
     }
+    if png is not None:
+        from llava_core.plots import png_markdown
+
+        meta["loss_plot"] = {"raw_value": png_markdown(png, "loss and learning rate against step"), "type": "md"}
     for key in (
         "steps",
         "final_loss",

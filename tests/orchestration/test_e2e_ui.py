@@ -1,9 +1,12 @@
-"""The Dagster UI, as its users drive it: `dagster dev` on loopback (a temporary DAGSTER_HOME holding the project's
-dagster.yaml), headless Chromium (Debian's package, through selenium and chromedriver).
+"""The Dagster UI, as its users drive it: `dagster dev` on loopback (the DAGSTER_HOME that `make demo` recorded its
+run in, holding the project's dagster.yaml), headless Chromium (Debian's package, through selenium and chromedriver).
 
-The global asset lineage shows every asset; "Materialize all" clicked in the page runs the small pipeline in a
-temporary DVC repository to success; afterwards every asset's data version equals dvc.lock and `dvc status`
-has nothing to do. `LLAVA_SAVE_LINEAGE_PNG=1` also writes the screenshot to docs/lineage.png (the README's).
+After `make demo` (`python -m orchestration run` on a small DVC workspace: the `demo_run` fixture), every asset is
+in the lineage graph, every asset's page shows its latest materialisation (the run that made it, its data version,
+which equals dvc.lock) and `dvc status` has nothing to do; the training and evaluation pages show their pictures
+(an <img> drawn at its full size). An asset materialised from its page in the UI runs to success.
+`LLAVA_SAVE_DOCS_IMAGES=1` also writes the asset pages' screenshots to docs/images/ (docs/orchestration.md's), and
+`LLAVA_SAVE_LINEAGE_PNG=1` the lineage graph to docs/lineage.png (the README's).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT, dvc_project
+from tests.conftest import PROJECT
 from tests.orchestration.test_e2e_dvc import run
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.e2e
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ASSETS = {
     "raw_synthetic_shapes": ("download@synthetic_shapes", "data/raw/synthetic_shapes"),
+    "raw_shapes_local": ("download@shapes_local", "data/raw/shapes_local"),
     "jsonl_shapes_pretrain": ("convert@shapes_pretrain", "data/jsonl/shapes_pretrain.jsonl"),
     "jsonl_shapes_instruct": ("convert@shapes_instruct", "data/jsonl/shapes_instruct.jsonl"),
     "hdf5_phase1": ("hdf5_phase1", "data/hdf5/phase1"),
@@ -41,7 +45,9 @@ ASSETS = {
     "eval_report": ("evaluate", "reports/eval.json"),
 }
 RUNS_QUERY = "{ runsOrError { ... on Runs { results { runId status } } } }"
-LATEST_QUERY = """{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { tags { key value } } } }"""
+LATEST_QUERY = """{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId tags { key value } } } }"""
+PICTURES = {"checkpoint_phase1": "loss_plot", "checkpoint_phase2": "loss_plot", "eval_report": "scores_plot"}
+DOCS_IMAGES = ("checkpoint_phase2", "eval_report")
 
 
 def free_port() -> int:
@@ -109,23 +115,10 @@ def show_lineage(browser, base: str) -> None:
 
 
 @pytest.fixture
-def dvc_workspace(tmp_path, venv_env) -> Path:
-    return dvc_project(tmp_path / "repo", venv_env).parent
-
-
-@pytest.fixture
-def dagster_dev(tmp_path, dvc_workspace, venv_env):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(PROJECT / "configs/dagster/dagster.yaml", home / "dagster.yaml")
+def dagster_dev(tmp_path, demo_run):
+    """`dagster dev` (what `make dagster` runs) on the DAGSTER_HOME and workspace of `make demo`."""
     port = free_port()
-    env = {
-        **venv_env,
-        "DAGSTER_HOME": str(home),
-        "LLAVA_PARAMS": str(dvc_workspace / "params.yaml"),
-        "LLAVA_EXECUTOR": "in_process",  # one process for the run's steps: no start-up per step on 2 cores
-    }
-    env.pop("LLAVA_ENV", None)
+    env = {**demo_run.env, "LLAVA_EXECUTOR": "in_process"}  # a run launched here: one process, no start-up per step
     log = open(tmp_path / "dagster_dev.log", "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
@@ -158,7 +151,7 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1800,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -167,44 +160,105 @@ def browser():
         driver.quit()
 
 
-def test_ui_lineage_and_materialize_all(dagster_dev, browser, dvc_workspace, tmp_path, venv_env):
+def latest(base: str) -> dict[str, dict]:
+    """Each asset's latest materialisation, as the UI's own API reports it: its run id and tags."""
+    return {
+        "/".join(n["assetKey"]["path"]): {
+            "run": n["assetMaterializations"][0]["runId"],
+            **{t["key"]: t["value"] for t in n["assetMaterializations"][0]["tags"]},
+        }
+        for n in graphql(base, LATEST_QUERY)["assetNodes"]
+        if n["assetMaterializations"]
+    }
+
+
+def body_text(browser) -> str:
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.TAG_NAME, "body").text
+
+
+def open_events(browser, base: str, key: str, run_id: str) -> None:
+    """An asset's page, Events tab, once it shows the materialisation of `run_id` (and no first-visit dialog)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{base}/assets/{key}?view=events")
+    wait_for(f"{key}'s latest materialisation", lambda: f"Materialized in run {run_id[:8]}" in body_text(browser), 90)
+    for skip in browser.find_elements(By.XPATH, "//button[normalize-space(.)='Skip']"):  # the newsletter dialog
+        skip.click()
+
+
+def show_picture(browser, key: str, entry: str):
+    """Open the picture of metadata entry `entry` ("[Show Markdown]": too long to show in the table); the dialog."""
+    from selenium.webdriver.common.by import By
+
+    links = browser.find_elements(By.XPATH, "//*[normalize-space(text())='[Show Markdown]']")
+    assert len(links) == 1, f"{key}: one picture expected on the page, found {len(links)}"
+    links[0].click()
+    dialog = wait_for("the picture's dialog", lambda: browser.find_elements(By.CSS_SELECTOR, "[role=dialog]"), 30)[0]
+    wait_for("the picture", lambda: dialog.find_elements(By.TAG_NAME, "img"), 30)
+    assert entry in dialog.text
+    return dialog
+
+
+def test_every_asset_page_shows_the_demos_materialisation(dagster_dev, browser, demo_run, tmp_path):
     from selenium.webdriver.common.by import By
 
     base = dagster_dev
     show_lineage(browser, base)  # every asset has its node
+    shot = tmp_path / "lineage.png"
+    browser.save_screenshot(str(shot))
+    if os.environ.get("LLAVA_SAVE_LINEAGE_PNG") == "1":
+        shutil.copy(shot, PROJECT / "docs" / "lineage.png")
+    # Dagster and DVC agree on every asset: data versions equal dvc.lock, nothing for dvc to do
+    now = latest(base)
+    assert set(now) == set(ASSETS)
+    lock = yaml.safe_load((demo_run.repo / "dvc.lock").read_text())["stages"]
+    for key, (stage, path) in ASSETS.items():
+        outs = {o["path"]: o["md5"] for o in lock[stage]["outs"]}
+        assert now[key]["dagster/data_version"] == outs[path], key
+    assert "up to date" in run(["dvc", "status"], demo_run.repo, demo_run.env)
 
+    save = os.environ.get("LLAVA_SAVE_DOCS_IMAGES") == "1"
+    for key in ASSETS:
+        open_events(browser, base, key, now[key]["run"])
+        text = body_text(browser)
+        assert now[key]["dagster/data_version"] in text and "made_by" in text, key  # the metadata is shown
+        if key in PICTURES:
+            dialog = show_picture(browser, key, PICTURES[key])
+            img = dialog.find_element(By.TAG_NAME, "img")
+            size = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
+            assert size == [512, 256], (key, size)  # the PNG decoded at its full size
+            if save and key in DOCS_IMAGES:  # docs/orchestration.md's: phase 2's curves, the scores and their page
+                (PROJECT / "docs/images").mkdir(exist_ok=True)
+                dialog.screenshot(str(PROJECT / f"docs/images/{key}_{PICTURES[key]}.png"))
+                if key == "eval_report":
+                    browser.save_screenshot(str(PROJECT / f"docs/images/{key}_page.png"))
+    report = json.loads((demo_run.repo / "reports/eval.json").read_text())
+    assert report["num_questions"] == 7 * 2  # the small source's two held-out images
+
+
+def test_materialize_an_asset_from_its_page(dagster_dev, browser, demo_run, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    base = dagster_dev
+    before = latest(base)["eval_report"]["run"]
+    open_events(browser, base, "eval_report", before)
     button = wait_for(
-        "the Materialize all button",
-        lambda: [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Materialize all"],
+        "the Materialize button",
+        lambda: [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Materialize"],
         60,
     )[0]
+    known = {r["runId"] for r in graphql(base, RUNS_QUERY)["runsOrError"]["results"]}
     button.click()
-    run_id = wait_for("a launched run", lambda: graphql(base, RUNS_QUERY)["runsOrError"]["results"], 60)[0]["runId"]
 
     def finished():
         runs = {r["runId"]: r["status"] for r in graphql(base, RUNS_QUERY)["runsOrError"]["results"]}
-        return runs[run_id] if runs[run_id] in ("SUCCESS", "FAILURE", "CANCELED") else None
+        done = [st for rid, st in runs.items() if rid not in known and st in ("SUCCESS", "FAILURE", "CANCELED")]
+        return done[0] if done else None
 
     status = wait_for("the run to finish", finished, 600, every_s=3)
     assert status == "SUCCESS", (tmp_path / "dagster_dev.log").read_text()[-5000:]
-
-    # Dagster and DVC agree on every asset: data versions equal dvc.lock, nothing for dvc to do
-    lock = yaml.safe_load((dvc_workspace / "dvc.lock").read_text())["stages"]
-    nodes = graphql(base, LATEST_QUERY)["assetNodes"]
-    versions = {
-        "/".join(n["assetKey"]["path"]): {t["key"]: t["value"] for t in n["assetMaterializations"][0]["tags"]}
-        for n in nodes
-    }
-    for key, (stage, path) in ASSETS.items():
-        outs = {o["path"]: o["md5"] for o in lock[stage]["outs"]}
-        assert versions[key]["dagster/data_version"] == outs[path], key
-    assert "up to date" in run(["dvc", "status"], dvc_workspace, venv_env)
-
-    show_lineage(browser, base)  # now with every asset materialised
-    shot = tmp_path / "lineage.png"
-    browser.save_screenshot(str(shot))
-    assert shot.stat().st_size > 10_000
-    if os.environ.get("LLAVA_SAVE_LINEAGE_PNG") == "1":
-        shutil.copy(shot, PROJECT / "docs" / "lineage.png")
-    report = json.loads((dvc_workspace / "reports/eval.json").read_text())
-    assert report["num_questions"] == 7 * 2  # the small source's two held-out images
+    after = latest(base)["eval_report"]
+    assert after["run"] != before
+    open_events(browser, base, "eval_report", after["run"])  # the page shows the new materialisation

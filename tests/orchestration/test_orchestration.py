@@ -82,16 +82,29 @@ def test_resources_follow_the_environment(monkeypatch):
         build_definitions()
 
 
-def test_weekly_retrain_schedule_requests_the_full_job(monkeypatch):
+def test_weekly_retrain_schedule_requests_what_was_never_made(monkeypatch, tmp_path):
     defs = build_definitions()
     schedule = defs.resolve_schedule_def("weekly_retrain")
     assert schedule.cron_schedule == DEFAULT_RETRAIN_CRON and schedule.job_name == "llava_pipeline"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     when = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.UTC)
+    resources = {"settings": PipelineSettings(params_path=str(PROJECT / "params.yaml")), "s3": S3Resource()}
     with dg.instance_for_test() as instance:
-        request = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources)
+        request = schedule(context)
     assert request.run_key == "retrain-2026-11-23T03:00:00+00:00"
     assert request.tags["llava/trigger"] == "schedule"
+    # nothing materialised yet: every asset, for that reason (tests/orchestration/test_e2e_retrain.py: the rest)
+    assert {k.to_user_string() for k in request.asset_selection} == DATA | TRAIN
+    assert request.tags["llava/retrain"] == "10 of 10 assets" and request.run_config == {"ops": {}}
+    # what derives from the planned assets outside the stage table comes along: the upload of the models
+    params = base_params(tmp_path / "ws")
+    params["publish"] = {"bucket": "models", "models": ["hf"]}
+    published = build_definitions(str(write_params(tmp_path, params))).resolve_schedule_def("weekly_retrain")
+    resources["settings"] = PipelineSettings(params_path=str(tmp_path / "params.yaml"))
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources)
+        assert dg.AssetKey("published_model") in published(context).asset_selection
     # the ticks fall on Mondays at 03:00
     start = dt.datetime(2026, 11, 24, tzinfo=dt.UTC).timestamp()
     ticks = schedule_execution_time_iterator(start, schedule.cron_schedule, schedule.execution_timezone)

@@ -10,6 +10,7 @@ import yaml
 
 from assets.train import TRAIN_POOL, checkpoint_key
 from llava_core.params import load_config
+from llava_core.plots import png_markdown
 from llava_core.training.observe import read_metrics
 from orchestration.definitions import build_assets, build_definitions
 from orchestration.resources import PipelineSettings
@@ -48,8 +49,10 @@ def test_checkpoint_asset_reports_through_pipes(tmp_path):
         assert meta["steps"].value == steps
         assert meta["final_loss"].value == pytest.approx(records[-1]["loss"])
         assert meta["pipes_metrics_records"].value == steps
-        curve = meta["loss_curve"].value
-        assert curve.count("\n| ") == steps + 1 and f"| {steps} | {records[-1]['loss']:.4f} |" in curve
+        assert meta["loss_curve"].value.endswith(f"-> {records[-1]['loss']:.4f} over {steps} steps)")
+        # the picture drawn by the training process beside the checkpoint, shown inline by the UI
+        png = (cfg.checkpoint_dir("phase1") / "loss_curve.png").read_bytes()
+        assert meta["loss_plot"].value == png_markdown(png, "loss and learning rate against step")
         assert meta["path"].value == str(cfg.checkpoint_dir("phase1"))
         # the process's log lines reach the run's event log through Pipes
         logs = [e.user_message for e in instance.all_logs(result.run_id)]

@@ -35,6 +35,7 @@ from llava_core.training.observe import (
     loss_curve_markdown,
     peak_flops,
     read_metrics,
+    summary_metadata,
     train_flops,
     write_loss_curve,
 )
@@ -306,9 +307,43 @@ def test_loss_curve_csv_and_markdown(tmp_path):
     assert lines[0] == "step,loss,lr,grad_norm" and lines[1] == "1,4.9,0.001," and len(lines) == 31
     picked = downsample(RECORDS, 10)
     assert len(picked) == 10 and picked[0]["step"] == 1 and picked[-1]["step"] == 30
-    md = loss_curve_markdown(RECORDS, rows=10)
-    assert md.count("\n| ") == 11 and "| 30 | 2.0000 | 1.00e-03 | 0.500 |" in md
-    assert md.splitlines()[0].startswith("loss █") and "(4.9000 -> 2.0000 over 30 steps)" in md
+    md = loss_curve_markdown(RECORDS)
+    assert md.startswith("loss █") and md.endswith("(4.9000 -> 2.0000 over 30 steps)")
+
+
+def test_loss_and_score_pictures(tmp_path):
+    """The PNGs are what they say: the loss and lr curves of every record, the scores as bars; the same numbers
+    give the same bytes (the file is a DVC output inside the checkpoint); the markdown embeds the picture."""
+    import base64
+
+    from PIL import Image
+
+    from llava_core.plots import loss_plot, png_markdown, scores_plot
+
+    def pixels_near(path, rgb) -> int:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (512, 256)
+            colors = im.convert("RGB").getcolors(1 << 20)
+        return sum(n for n, c in colors if max(abs(a - b) for a, b in zip(c, rgb, strict=True)) < 30)
+
+    png = loss_plot(RECORDS, tmp_path / "loss_curve.png", "phase1")
+    assert (tmp_path / "loss_curve.png").read_bytes() == png
+    # both curves are drawn: the loss in matplotlib's tab:blue, the learning rate in tab:orange
+    assert pixels_near(tmp_path / "loss_curve.png", (31, 119, 180)) > 200
+    assert pixels_near(tmp_path / "loss_curve.png", (255, 127, 14)) > 200
+    assert loss_plot(RECORDS, tmp_path / "again.png", "phase1") == png  # no timestamp in the file
+    assert loss_plot(RECORDS[:10], tmp_path / "short.png", "phase1") != png
+    by = {
+        "color": {"accuracy": 0.75, "metric": "exact_match", "n": 8},
+        "exists": {"accuracy": 1.0, "metric": "pope", "n": 4},
+    }
+    scores = scores_plot(by, tmp_path / "eval_scores.png")
+    assert pixels_near(tmp_path / "eval_scores.png", (44, 160, 44)) > 1000  # two tab:green bars
+    md = png_markdown(scores, "scores")
+    assert md.startswith("![scores](data:image/png;base64,") and base64.b64decode(md[31:-1]) == scores
+    meta = summary_metadata({"steps": 30}, RECORDS, tmp_path, png)
+    assert meta["loss_plot"] == {"raw_value": png_markdown(png, "loss and learning rate against step"), "type": "md"}
+    assert meta["loss_curve"]["raw_value"] == loss_curve_markdown(RECORDS) and meta["steps"] == 30
 
 
 def test_observer_writes_metrics_and_tensorboard_and_truncates_on_resume(tmp_path):
@@ -358,15 +393,20 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path):
 
 
 def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
-    """The project's dvc.yaml `plots:` over checkpoints/<phase>/loss_curve.csv, through real `dvc plots show`."""
+    """The project's dvc.yaml `plots:` over the loss curves (csv) and the pictures (png), through real `dvc plots show`."""
     import shutil
     import subprocess
 
     shutil.copy(PROJECT / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    from llava_core.plots import loss_plot, scores_plot
+
     for phase, records in (("phase1", RECORDS[:4]), ("phase2", RECORDS[:6])):
         (tmp_path / "checkpoints" / phase).mkdir(parents=True)
         write_loss_curve(records, tmp_path / "checkpoints" / phase / "loss_curve.csv")
+        loss_plot(records, tmp_path / "checkpoints" / phase / "loss_curve.png", phase)
+    (tmp_path / "reports").mkdir()
+    scores_plot({"color": {"accuracy": 0.5, "metric": "exact_match", "n": 2}}, tmp_path / "reports/eval_scores.png")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=venv_env)
     out = subprocess.run(
@@ -382,3 +422,7 @@ def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
         "phase2/loss_curve.csv": [(r["step"], r["loss"]) for r in RECORDS[:6]],
     }
     assert "train_lr" in plots
+    # the pictures, as image plots: DVC hands out the files themselves
+    for image in ("checkpoints/phase1/loss_curve.png", "checkpoints/phase2/loss_curve.png", "reports/eval_scores.png"):
+        (entry,) = plots[image]
+        assert entry["type"] == "image" and Path(entry["url"]).read_bytes() == (tmp_path / image).read_bytes()
