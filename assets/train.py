@@ -37,7 +37,8 @@ def run_on_slurm(context: dg.AssetExecutionContext, cfg: PipelineConfig, phase: 
         try:
             job.submit(session.get_bootstrap_env_vars())
             context.log.info(f"[slurm] {phase}: job {job.job_id} submitted ({job.script_path})")
-            status = job.wait(context.log.info)
+            # the job's log, less the training's own lines: those arrive through Pipes
+            status = job.wait(lambda line: None if line.startswith(f"[{phase}] ") else context.log.info(line))
         except BaseException:  # the run was terminated (or failed here): the job must not run on
             job.cancel()
             context.log.warning(f"[slurm] {phase}: job {job.job_id} cancelled")

@@ -22,6 +22,7 @@ from llava_core.config import (
     ModelConfig,
     PipelineConfig,
     PublishConfig,
+    SlurmConfig,
     SourceConfig,
     TrainPhaseConfig,
     Workspace,
@@ -197,6 +198,7 @@ def params_reference() -> str:
         ("hdf5.<phase>", Hdf5PhaseConfig),
         ("train.<phase>", TrainPhaseConfig),
         ("train.<phase>.lora", LoraConfig),
+        ("train.<phase>.slurm", SlurmConfig),
         ("eval", EvalConfig),
         ("eval.judge", JudgeConfig),
         ("publish", PublishConfig),
@@ -229,5 +231,3 @@ def params_reference() -> str:
                 default = "(section defaults)" if isinstance(value, BaseModel) else f"`{value!r}`"
             lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return "\n".join(lines) + "\n"
-
-

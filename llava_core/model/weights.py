@@ -12,14 +12,16 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from llava_core.artifacts import TRAIN_SUMMARY
-from llava_core.config import PipelineConfig
-from llava_core.data.images import CLIP_MEAN, CLIP_STD
 from llava_core.data.prompts import encode_conversation
 from llava_core.model.llava import LlavaModel
+
+if TYPE_CHECKING:  # the model conversions load without pydantic (benchmarks/gpu_check.py)
+    from llava_core.config import PipelineConfig
 
 IMAGE_TOKEN = "<image>"
 
@@ -125,6 +127,8 @@ def drop_added_tokens(tokenizer_dir: Path, keep_below: int) -> list[str]:
 
 def clip_image_processor(size: int, cls=None, **extra):
     """The CLIP preprocessing of `images.clip_transform` as a transformers image processor (default CLIP's)."""
+    from llava_core.data.images import CLIP_MEAN, CLIP_STD  # Pillow's: exports need it, the GPU check does not
+
     if cls is None:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
     return cls(

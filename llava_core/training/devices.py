@@ -203,3 +203,11 @@ def check_devices(launch: LaunchConfig, gpus: list[Gpu], build: str | None) -> N
             f"{what} starts {wanted} process(es) on this machine, which has {usable} usable GPU(s) "
             f"({', '.join(g.name for g in gpus)}): lower num_processes (--num-processes) or use more machines."
         )
+
+
+def set_deepspeed_micro_batch(accelerator, micro_batch: int) -> None:
+    """DeepSpeed needs its micro-batch before `prepare`, which it reads from a prepared data loader: the training
+    loop feeds its own batches (no loader is prepared), so it is set here, as accelerate's error message asks."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch

@@ -246,6 +246,7 @@ class Workload:
     mixed_precision: str
     gradient_checkpointing: bool
     vision_trains: bool
+    lm_trains: bool = True
 
 
 def state_bytes(launch: LaunchConfig, mixed_precision: str, total: int, trainable: int) -> tuple[int, int, int, list]:
@@ -280,8 +281,11 @@ def activation_bytes(arch: Architecture, work: Workload, checkpointing: bool) ->
     t, v = llama_dims(arch.text), {**CLIP_DEFAULTS, **arch.vision}
     h, i, layers, vocab = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"], arch.vocab
     tokens = work.micro_batch * work.sequence
-    # a decoder layer keeps: 2 norm inputs and outputs, q, k, v, the attention output (SDPA), gate, up, act, product
-    per_layer = (4 * h + 2 * t["q_dim"] + 2 * t["kv_dim"] + 4 * i) * a
+    # a decoder layer keeps: 2 norm inputs, q, k, v, the attention output (SDPA's), gate, up and act outputs, and, when
+    # its weights train, the inputs of its projections too (the norm outputs, the MLP product)
+    per_layer = (2 * h + 2 * t["q_dim"] + 2 * t["kv_dim"] + 3 * i) * a
+    if work.lm_trains:
+        per_layer += (2 * h + i) * a
     # checkpointing saves each layer's input and recomputes one layer at a time in the backward pass
     lm = (h * a * layers + per_layer) if checkpointing else per_layer * layers
     logits = vocab * (a + 8)  # the logits, their fp32 log-softmax and its gradient
@@ -410,12 +414,14 @@ def plan_for(
     arch = architecture(cfg)
     frozen = [re.compile(p) for p in tc.freeze]
     vision = [n for n, _ in arch.inventory() if n.startswith("image_model.")]
+    lm = [n for n, _ in arch.inventory() if n.startswith("text_model.model.layers.")]
     work = Workload(
         micro_batch=tc.micro_batch_size,
         sequence=seq,
         mixed_precision=tc.mixed_precision,
         gradient_checkpointing=tc.gradient_checkpointing,
         vision_trains=any(not any(p.search(n) for p in frozen) for n in vision),
+        lm_trains=tc.lora is not None or any(not any(p.search(n) for p in frozen) for n in lm),
     )
     plan = plan_memory(phase, arch, launch, work, list(tc.freeze), tc.lora)
     plan.notes.append(f"sequence {seq}: {seq_note}")

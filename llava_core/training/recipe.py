@@ -30,6 +30,7 @@ from llava_core.params import config_from_dict
 from llava_core.phases import PHASE_NAMES, get_phase
 from llava_core.training.checkpointing import Checkpointer
 from llava_core.training.dataset import LlavaHdf5Dataset, collate_trimmed
+from llava_core.training.devices import set_deepspeed_micro_batch
 from llava_core.training.observe import TrainObserver, flops_model, peak_flops, read_metrics, train_flops
 from llava_core.training.sampler import DataPosition, EpochBatches, record_info
 
@@ -65,6 +66,7 @@ class Recipe:
             step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
             kwargs_handlers=[ddp],
         )
+        set_deepspeed_micro_batch(self.accelerator, self.tc.micro_batch_size)
         set_seed(cfg.seed)
         self.checkpoints = Checkpointer(self.accelerator, cfg, phase, self.log)
         self.observer: TrainObserver | None = None
