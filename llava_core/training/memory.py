@@ -406,11 +406,15 @@ def plan_for(
     num_machines: int | None = None,
     sequence: int | None = None,
 ) -> MemoryPlan:
-    """The plan of `phase` as the config launches it (optionally with other process or machine counts, or another
-    sequence length than the data's longest record)."""
+    """The plan of `phase` as the config launches it, here or as its SLURM job (optionally with other process or
+    machine counts, or another sequence length than the data's longest record)."""
     tc = cfg.train[phase]
     seq, seq_note = (sequence, "as given") if sequence else planned_sequence(cfg, phase)
-    launch = read_launch_config(cfg.resolve_file(tc.accelerate_config)).with_processes(num_processes, num_machines)
+    launch = read_launch_config(cfg.resolve_file(tc.accelerate_config))
+    if tc.launcher == "slurm":
+        num_processes = num_processes or tc.processes(launch.num_processes)
+        num_machines = num_machines or tc.slurm.nodes
+    launch = launch.with_processes(num_processes, num_machines)
     arch = architecture(cfg)
     frozen = [re.compile(p) for p in tc.freeze]
     vision = [n for n, _ in arch.inventory() if n.startswith("image_model.")]

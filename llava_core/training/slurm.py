@@ -27,7 +27,7 @@ from llava_core.artifacts import PREEMPTED, SLURM_DIR
 from llava_core.config import PipelineConfig
 from llava_core.training.checkpointing import work_dir
 from llava_core.training.devices import LaunchRefused
-from llava_core.training.launch import TrainResult, finished, launch_config, launch_env, write_spec
+from llava_core.training.launch import TrainResult, finished, launch_env, write_spec
 from llava_core.training.memory import plan_for
 
 log = logging.getLogger("llava_core.training")
@@ -140,10 +140,7 @@ class SlurmJob:
         """Check what can be checked here, write the script, start `sbatch --wait`; returns the job id."""
         if shutil.which("sbatch") is None:
             raise LaunchRefused(f"train.{self.phase}.launcher is slurm, and SLURM's sbatch is not on PATH here")
-        sc = self.cfg.train[self.phase].slurm
-        launch = launch_config(self.cfg, self.phase)
-        processes = self.cfg.train[self.phase].processes(launch.num_processes)
-        plan_for(self.cfg, self.phase, processes, sc.nodes)  # the architecture and the config resolve (no GPUs here)
+        plan_for(self.cfg, self.phase)  # the accelerate config and the architecture resolve (the GPUs are the nodes')
         folder = job_dir(self.cfg)
         folder.mkdir(parents=True, exist_ok=True)
         spec = write_spec(self.cfg, self.phase)

@@ -144,6 +144,28 @@ def test_dagster_runs_both_phases_on_slurm_and_a_preempted_job_resumes(tmp_path,
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=f"{phase} {k}")
 
 
+def test_a_job_signalled_like_at_its_time_limit_requeues_itself_and_resumes(
+    tmp_path, cli_run, train_data, slurm_cluster
+):
+    """`scancel --signal=TERM` (what `--signal=TERM@<grace>` does before the time limit): the training saves and stops,
+    the job script requeues the still-running job, which resumes; the CLI waits through it."""
+    cfg = load_config(params := _params(tmp_path / "ws", train_data))
+    proc = cli(params, "train", "phase1", env=slurm_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    job = _wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
+    _wait_for("second step", lambda: len(read_metrics(work_dir(cfg, "phase1") / "metrics.jsonl")) >= 2, proc=proc)
+    slurm_cluster.run("scancel", "--signal=TERM", job)
+    err = proc.communicate(timeout=900)[1]
+    assert proc.returncode == 0, err[-3000:]
+    assert f"[slurm] requeueing job {job}: it resumes from the checkpoint" in err
+    stopped = int(re.search(r"\[phase1\] stopped by SIGTERM after step (\d+)", err).group(1))
+    summary = json.loads((cfg.checkpoint_dir("phase1") / "train_summary.json").read_text())
+    assert (summary["steps"], summary["resumed_from_step"]) == (8, stopped)
+    ref = load_file(str(load_config(cli_run[0]).checkpoint_dir("phase1") / "model.safetensors"))
+    got = load_file(str(cfg.checkpoint_dir("phase1") / "model.safetensors"))
+    for k in ref:
+        torch.testing.assert_close(ref[k], got[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_ctrl_c_on_the_cli_cancels_its_job(tmp_path, train_data, slurm_cluster):
     cfg = load_config(params := _params(tmp_path / "ws", train_data))
     proc = cli(params, "train", "phase1", env=slurm_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

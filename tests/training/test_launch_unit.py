@@ -193,6 +193,8 @@ def test_slurm_gpus_set_the_process_count_the_batch_must_divide(tmp_path):
         load_config(params, {"train": {"phase1": job}})
     cfg = load_config(params, {"train": {"phase1": {**job, "micro_batch_size": 4}}})
     assert cfg.train["phase1"].processes(1) == 8 and cfg.train["phase2"].processes(1) == 1
+    plan = plan_for(cfg, "phase1")  # planned as the job runs it
+    assert (plan.processes, plan.machines) == (8, 2)
 
 
 def test_job_script_asks_sbatch_for_the_settings(tmp_path):
