@@ -33,7 +33,7 @@ STAMP    := $(VENV)/.installed-$(ACCEL_BUILD)-py$(PY_VER)
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench lock dagster dvc-remote clean
+.PHONY: setup demo test test-fast lint bench lock dagster dvc-remote clean slurm-up slurm-down gpu-check
 
 setup: $(STAMP)
 
@@ -96,6 +96,21 @@ $(DAGSTER_HOME)/dagster.yaml: configs/dagster/dagster.yaml
 
 dvc-remote: setup  ## the DVC S3 remote: make dvc-remote URL=s3://bucket/prefix [ENDPOINT=http://host:9000] [REGION=...]
 	$(DVC_VENV)/bin/python scripts/dvc_remote.py $(URL) $(if $(ENDPOINT),--endpoint $(ENDPOINT),) $(if $(REGION),--region $(REGION),)
+
+# --- GPUs and clusters (docs/gpus-and-clusters.md) ---------------------------------------------------------------
+# A one-machine SLURM cluster on loopback (root; Debian's munge, slurmctld, slurmd, slurm-client) in .slurm/;
+# then `export SLURM_CONF=$(CURDIR)/.slurm/etc/slurm.conf` and set train.<phase>.launcher: slurm.
+slurm-up:  ## start the loopback SLURM cluster (idempotent)
+	python3 scripts/slurm_cluster.py up --dir .slurm
+
+slurm-down:  ## stop it
+	python3 scripts/slurm_cluster.py down --dir .slurm
+
+# The GPU acceptance run (one CUDA GPU, at most 8 minutes): with the project's virtualenv if there is one, else the
+# python3 that has torch, transformers, accelerate, h5py, peft and safetensors (no `make setup` needed).
+GPU_PY ?= $(if $(wildcard $(VPY)),$(VPY),python3)
+gpu-check:  ## both phases of a 1B LLaVA on one GPU, FSDP and ZeRO-2, export, evaluation: benchmarks/results/gpu.json
+	$(GPU_PY) -m benchmarks.gpu_check
 
 clean:  ## remove the workspace outputs (not the virtualenv)
 	rm -rf data checkpoints models reports

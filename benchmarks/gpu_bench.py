@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.common import figure, gpu_name
-from llava_core.presets import PRESETS
+from llava_core.presets import CLIP_VIT_L_336 as CLIP_L_336  # the published shapes (llava_core/presets.py)
+from llava_core.presets import LLAMA2_7B as LLAMA_7B
+from llava_core.presets import LLAMA_1B, PRESETS
 from llava_core.training.observe import PEAK_BF16_TFLOPS, flops_model, peak_flops, train_flops
 
 if TYPE_CHECKING:  # torch and the model are imported where a measurement runs (`make bench` without a GPU: never)
@@ -36,34 +38,6 @@ if TYPE_CHECKING:  # torch and the model are imported where a measurement runs (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-CLIP_L_336 = {
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "image_size": 336,
-    "patch_size": 14,
-    "hidden_act": "quick_gelu",
-}
-LLAMA_7B = {
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32000,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
-LLAMA_1B = {
-    **LLAMA_7B,
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_hidden_layers": 22,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-}
 # --smoke: the tiny preset's own towers (llava_core/config.py), with its tokenizer's vocabulary
 _TINY = PRESETS["tiny"]()["model"]
 TINY_VISION = _TINY["vision_config"]
@@ -302,7 +276,9 @@ def harness(quick: bool = False) -> dict:
         if not torch.cuda.is_available():
             why = f"not run: {gpu_name()} present, but torch {torch.__version__} cannot use it"
     if why is not None:
-        not_run = [figure("gpu", name, "TFLOP/s", None, None, "the GPU's bf16 dense peak", t, why) for _, name, t in ROWS]
+        not_run = [
+            figure("gpu", name, "TFLOP/s", None, None, "the GPU's bf16 dense peak", t, why) for _, name, t in ROWS
+        ]
         not_run += [
             figure("gpu", f"LLaVA-1.5-7B {p} on 8 GPUs, projected", "h", None, None, "published time on 8xA100",
                    note=why)

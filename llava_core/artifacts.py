@@ -29,6 +29,8 @@ METRICS = "metrics.jsonl"  # one JSON record per logged step
 LOSS_CURVE = "loss_curve.csv"  # the same records for `dvc plots`
 LOSS_PLOT = "loss_curve.png"  # loss and learning rate against step, drawn at the end of the phase
 RESUME_KEY = "resume_key.json"  # inside the partial run: what a resume must match
+PREEMPTED = "preempted.json"  # inside the partial run: a SIGTERM stopped it after saving a checkpoint (SLURM requeues)
+SLURM_DIR = ".slurm"  # checkpoints/.slurm/: each phase's job script, its log and its Dagster Pipes messages
 # stage 5: models/hf, models/llava, reports/
 EXPORT_INFO = "export_info.json"  # which checkpoint, image token, what the export added
 IMPORT_INFO = "import_info.json"

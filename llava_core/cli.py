@@ -4,7 +4,8 @@
 
 The stage commands come from the stage table (`llava_core.pipeline.STAGES`): download <source>, convert
 <dataset>, hdf5 <phase>, validate <phase>, train <phase>, export, export-llava, evaluate; `all` runs them in
-order. Besides them: judge, publish, import-hf, import-llava, predict, params (the params reference). A key that does not
+order. Besides them: judge, publish, import-hf, import-llava, predict, params (the params reference), plan (a
+phase's memory plan). A key that does not
 exist, or a params file with problems, is one message naming the valid choices and exit status 2; data that
 fails its gate or a failing judge endpoint is one message and exit status 1.
 
@@ -31,6 +32,8 @@ from llava_core.data.prompts import PROMPT_STYLES, PROMPT_SUFFIXES
 from llava_core.params import load_config
 from llava_core.phases import UnknownName
 from llava_core.pipeline import STAGES, Stage, run_all, stage
+from llava_core.training.devices import LaunchRefused
+from llava_core.training.launch import TrainingStopped
 
 log = logging.getLogger("llava_core")
 STAGE_LOG = "LLAVA_STAGE_LOG"
@@ -58,12 +61,23 @@ def parser() -> argparse.ArgumentParser:
         if s.name == "download":
             p.add_argument("--refetch", action="store_true", help="fetch again even when the folder is intact")
         if s.name == "train":
-            p.add_argument("--num-processes", type=int, default=None)
+            _launch_options(p)
     sub.add_parser("all", help="run every stage in order and print the eval report")
     sub.add_parser("judge", help="judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json")
     sub.add_parser("publish", help="upload the converted models to S3 (the publish section)")
     sub.add_parser("params", help="print the params.yaml reference (every key, its type and meaning)")
-    for command, what in (("import-hf", "a Hugging Face LLaVA folder"), ("import-llava", "an original-LLaVA checkpoint")):
+    plan = sub.add_parser("plan", help="a phase's memory plan per GPU (parameters, gradients, optimizer, activations)")
+    plan.add_argument("key", metavar="phase", help=KEY_HELP["phase"])
+    plan.add_argument("--num-processes", type=int, default=None, help="processes over all machines")
+    plan.add_argument("--num-machines", type=int, default=None)
+    plan.add_argument("--sequence", type=int, default=None, help="tokens per example (default: the data's longest)")
+    plan.add_argument("--gpus", type=int, default=None, help="judge the fit on N GPUs of --gpu-memory-gib (not these)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    plan.add_argument("--json", action="store_true", help="the plan as JSON")
+    for command, what in (
+        ("import-hf", "a Hugging Face LLaVA folder"),
+        ("import-llava", "an original-LLaVA checkpoint"),
+    ):
         imp = sub.add_parser(command, help=f"{what} -> a training-format checkpoint")
         imp.add_argument("source_dir", type=Path)
         imp.add_argument("--out", type=Path, default=None, help="default: <checkpoints>/imported")
@@ -93,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.params)
         spec = stage(_stage_name(args.command)) if _stage_name(args.command) else None
         key = spec.check_key(cfg, getattr(args, "key", None)) if spec else None  # export, evaluate: no key
-    except (ConfigError, UnknownName) as e:
+        if args.command == "plan":
+            return _plan(args, cfg, stage("train").check_key(cfg, args.key))
+    except (ConfigError, UnknownName, LaunchRefused) as e:
         log.error(f"error: {e}")
         return 2
     t0 = time.perf_counter()
@@ -137,7 +153,7 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig, spec: Stage | None, key,
         if spec is not None:
             extra = {"refetch": args.refetch} if spec.name == "download" else {}
             if spec.name == "train":
-                extra = {"num_processes": args.num_processes}
+                extra = {"num_processes": args.num_processes, "machines": _machines(args)}
             result = spec.run(cfg, **extra) if key is None else spec.run(cfg, key, **extra)
         elif args.command == "all":
             result = run_all(cfg, log=log.info)["evaluate"]
@@ -147,10 +163,45 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig, spec: Stage | None, key,
     except JudgeError as e:  # the answers are already on disk
         log.error(f"error: judge review failed: {e}")
         return 1
-    except (ValidationFailed, FileNotFoundError, DiskFullError) as e:  # failed gate, missing input, full disk
+    except (ValidationFailed, FileNotFoundError, DiskFullError, TrainingStopped) as e:  # gate, input, disk, SIGTERM
         log.error(f"error: {e}")
         return 1
+    except LaunchRefused as e:  # a launch this machine cannot run: refused before the training process starts
+        log.error(f"error: {e}")
+        return 2
     print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _launch_options(p: argparse.ArgumentParser) -> None:
+    """`train`'s launch options: they override the accelerate config's (docs/gpus-and-clusters.md)."""
+    p.add_argument("--num-processes", type=int, default=None, help="processes over all machines")
+    p.add_argument("--num-machines", type=int, default=None, help="machines of a multi-machine launch")
+    p.add_argument("--machine-rank", type=int, default=None, help="this machine's rank (0: the main machine)")
+    p.add_argument("--main-process-ip", default=None, help="the main machine's address")
+    p.add_argument("--main-process-port", type=int, default=None)
+    p.add_argument("--rdzv-backend", default=None, choices=("static", "c10d"), help="rendezvous (default static)")
+
+
+def _machines(args: argparse.Namespace):
+    from llava_core.training.launch import Machines
+
+    return Machines(args.num_machines, args.machine_rank, args.main_process_ip, args.main_process_port,
+                    args.rdzv_backend)  # fmt: skip
+
+
+def _plan(args: argparse.Namespace, cfg: PipelineConfig, phase: str) -> int:
+    from llava_core.training.devices import Gpu, visible_gpus
+    from llava_core.training.memory import plan_for
+
+    plan = plan_for(cfg, phase, args.num_processes, args.num_machines, args.sequence)
+    if args.gpus:
+        gpus = [
+            Gpu(i, f"a {args.gpu_memory_gib:g} GiB GPU", int(args.gpu_memory_gib * 2**30)) for i in range(args.gpus)
+        ]
+    else:
+        gpus = visible_gpus()
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render(gpus))
     return 0
 
 

@@ -206,6 +206,35 @@ class LoraConfig(Schema):
     )
 
 
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds
+SLURM_TIME_RE = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE")
+
+
+class SlurmConfig(Schema):
+    """A training phase as a SLURM job (`launcher: slurm`): what sbatch asks for (docs/gpus-and-clusters.md)."""
+
+    partition: str | None = Field(None, description="sbatch --partition; null: the cluster's default partition")
+    nodes: Positive = Field(1, description="machines (sbatch --nodes); each runs one accelerate launch")
+    gpus_per_node: NonNegative = Field(0, description="GPUs per machine, one process each; 0: accelerate config's")
+    cpus_per_task: Positive | None = Field(None, description="CPUs of each machine's launch (sbatch --cpus-per-task)")
+    time_limit: str | None = Field(None, description="wall-clock limit, e.g. 12:00:00 or 2-00:00:00 (sbatch --time)")
+    account: str | None = Field(None, description="the account the job is charged to (sbatch --account)")
+    signal_grace_s: Positive = Field(120, description="SIGTERM this long before the time limit: checkpoint, requeue")
+    requeue: bool = Field(True, description="a preempted or timed-out job saves a checkpoint and is requeued")
+    extra_args: list[str] = Field(default_factory=list, description="more sbatch options, e.g. ['--qos=high']")
+    setup: list[str] = Field(
+        default_factory=list, description="shell lines the job runs first, e.g. 'module load cuda'"
+    )
+
+    @model_validator(mode="after")
+    def _sbatch_values(self) -> SlurmConfig:
+        if self.time_limit is not None and not SLURM_TIME_RE.fullmatch(self.time_limit):
+            raise ValueError(f"time_limit {self.time_limit!r} is no SLURM time (minutes, [days-]hours:minutes:seconds)")
+        if bad := [a for a in self.extra_args if not a.startswith("--") or "\n" in a]:
+            raise ValueError(f"extra_args {bad}: each entry is one sbatch option starting with --")
+        return self
+
+
 class TrainPhaseConfig(Schema):
     """Stage 4 for one phase: the optimisation and how the run is launched, observed and checkpointed."""
 
@@ -229,6 +258,13 @@ class TrainPhaseConfig(Schema):
     lora: LoraConfig | None = Field(None, description="LoRA on the LM (merged into the saved weights at the end)")
     tensorboard: bool = Field(True, description="TensorBoard event files in the checkpoint's tensorboard/ folder")
     peak_tflops: Annotated[float, Field(gt=0)] | None = Field(None, description="per-device peak for MFU")
+    launcher: Literal["local", "slurm"] = Field("local", description="local: accelerate launch here; slurm: a job")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="the SLURM job (launcher: slurm)")
+
+    def processes(self, launch_processes: int) -> int:
+        """Processes over all machines: the SLURM job's GPUs if it asks for some, else the accelerate config's."""
+        sc = self.slurm
+        return sc.nodes * sc.gpus_per_node if self.launcher == "slurm" and sc.gpus_per_node else launch_processes
 
     @field_validator("freeze")
     @classmethod
@@ -258,7 +294,7 @@ class TrainPhaseConfig(Schema):
             launch = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"accelerate_config {path} is not valid YAML ({e})") from None
-        procs = launch.get("num_processes", 1) if isinstance(launch, dict) else 1
+        procs = self.processes(launch.get("num_processes", 1) if isinstance(launch, dict) else 1)
         if isinstance(procs, int) and procs > 0 and self.global_batch_size % (self.micro_batch_size * procs):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "

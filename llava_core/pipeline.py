@@ -59,10 +59,15 @@ def run_validate(cfg: PipelineConfig, phase: str) -> dict:
     return {"phase": phase, "path": str(r.path), "success": True, "summary": r.summary()}
 
 
-def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None) -> dict:
-    from llava_core.training.launch import train  # starts the training process; no torch here
+def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None, machines: Any = None) -> dict:
+    """Here (`accelerate launch`), or as a SLURM job that this waits for (`launcher: slurm`); no torch here."""
+    if cfg.train[phase].launcher == "slurm":
+        from llava_core.training.slurm import run_job
 
-    return plain(run_guarded(stage("train"), cfg, phase, train, num_processes=num_processes))
+        return plain(run_guarded(stage("train"), cfg, phase, run_job))
+    from llava_core.training.launch import train
+
+    return plain(run_guarded(stage("train"), cfg, phase, train, num_processes=num_processes, machines=machines))
 
 
 def run_export(cfg: PipelineConfig, _key: None = None) -> dict:

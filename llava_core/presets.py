@@ -16,6 +16,40 @@ RESOURCES = Path(__file__).resolve().parent / "resources"
 TINY_TOKENIZER = RESOURCES / "tiny_tokenizer"
 
 
+# The published architectures, as transformers config fields (docs/gpus-and-clusters.md): the memory plan and the GPU
+# check build from these numbers where no pretrained folder is on this machine (no weights are downloaded for either).
+CLIP_VIT_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+}
+LLAMA2_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40}  # fmt: skip
+# A 1.1B Llama (TinyLlama's shape: 22 layers, grouped-query attention): the GPU check's language model.
+LLAMA_1B = {**LLAMA2_7B, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+            "num_attention_heads": 32, "num_key_value_heads": 4}  # fmt: skip
+KNOWN_ARCHITECTURES = {
+    "openai/clip-vit-large-patch14-336": CLIP_VIT_L_336,
+    "lmsys/vicuna-7b-v1.5": LLAMA2_7B,
+    "lmsys/vicuna-13b-v1.5": LLAMA2_13B,
+}
+
+
 def _preset(model: dict, msl: dict[str, int], train: dict[str, dict], **train_common) -> dict:
     return {
         "model": model,
@@ -74,11 +108,25 @@ def llava15(size: str) -> dict:
         model,
         {"phase1": 2048, "phase2": 2048},
         {
-            "phase1": {"epochs": 1, "global_batch_size": 256, "micro_batch_size": 32, "learning_rate": 1e-3},
-            "phase2": {"epochs": 1, "global_batch_size": 128, "micro_batch_size": 16, "learning_rate": 2e-5},
-        },
+            # LLaVA-1.5's scripts: pretrain.sh under ZeRO-2, finetune.sh under ZeRO-3, both with gradient
+            # checkpointing (the memory plan: phase 2 of 7B does not fit 80 GB cards under DDP, docs/gpus-and-clusters.md)
+            "phase1": {
+                "epochs": 1,
+                "global_batch_size": 256,
+                "micro_batch_size": 32,
+                "learning_rate": 1e-3,
+                "accelerate_config": "configs/accelerate/deepspeed_zero2.yaml",
+            },
+            "phase2": {
+                "epochs": 1,
+                "global_batch_size": 128,
+                "micro_batch_size": 16,
+                "learning_rate": 2e-5,
+                "accelerate_config": "configs/accelerate/deepspeed_zero3.yaml",
+            },
+        },  # fmt: skip
         mixed_precision="bf16",
-        accelerate_config="configs/accelerate/multi_gpu.yaml",
+        gradient_checkpointing=True,
     )
 
 

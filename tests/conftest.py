@@ -104,3 +104,28 @@ def demo_run(tmp_path_factory):
     demo = Demo.create(tmp_path_factory.mktemp("demo"))
     demo.run()
     return demo
+
+
+# --- launches (tests/helpers_launch.py): built data and the SLURM cluster, one each per session -------------------
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """A workspace whose small source is converted and packed for both phases (tests train from it)."""
+    from tests.helpers_launch import build_data
+
+    return build_data(tmp_path_factory.mktemp("train_data"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-machine SLURM cluster on loopback (scripts/slurm_cluster.py); skipped, with the reason, where it
+    cannot start (not root, Debian packages absent)."""
+    from tests.helpers_launch import SlurmCluster, slurm_unavailable
+
+    reason = slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    if cluster.returncode != 0:
+        pytest.fail(f"the SLURM cluster did not start: {cluster.error}")
+    yield cluster
+    cluster.down()

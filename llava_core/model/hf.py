@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from llava_core.artifacts import EXPORT_INFO, IMPORT_INFO, TRAIN_SUMMARY
 from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomic
-from llava_core.config import PipelineConfig
 from llava_core.data.prompts import check_style
 from llava_core.model.llava import LlavaModel, load_model, model_from_config_dict, save_model
 from llava_core.model.weights import (
@@ -39,6 +39,9 @@ from llava_core.model.weights import (
     with_rope_theta,
     write_classic_tokenizer,
 )
+
+if TYPE_CHECKING:  # the conversion loads without pydantic (benchmarks/gpu_check.py)
+    from llava_core.config import PipelineConfig
 
 VOCAB_MULTIPLE = 64  # llava-hf pads its embeddings to a multiple of 64 after adding <image> (32000 -> 32064)
 

@@ -15,14 +15,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from llava_core.artifacts import TRAIN_SUMMARY, WEIGHTS
-from llava_core.config import PipelineConfig
-from llava_core.data.images import CLIP_MEAN, CLIP_STD
 from llava_core.data.prompts import encode_conversation
 from llava_core.model.llava import LlavaModel
+
+if TYPE_CHECKING:  # the model conversions load without pydantic (benchmarks/gpu_check.py)
+    from llava_core.config import PipelineConfig
 
 IMAGE_TOKEN = "<image>"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # the shard index transformers and Cerebras' converter read
@@ -229,6 +231,8 @@ def write_classic_tokenizer(tok, folder: Path, source: Path | None = None, chat_
 
 def clip_image_processor(size: int, cls=None, **extra):
     """The CLIP preprocessing of `images.clip_transform` as a transformers image processor (default CLIP's)."""
+    from llava_core.data.images import CLIP_MEAN, CLIP_STD  # Pillow's: exports need it, the GPU check does not
+
     if cls is None:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
     return cls(

@@ -19,6 +19,7 @@ from llava_core.artifacts import (
     DATA_PARAMS,
     LOSS_CURVE,
     LOSS_PLOT,
+    PREEMPTED,
     RESUME_KEY,
     RUN_CONFIG,
     TOKENIZER_DIR,
@@ -31,7 +32,9 @@ from llava_core.phases import get_phase
 STEP_PREFIX = "step-"
 # Settings that change what a run shows or how often it saves, not what it computes: a partial run resumes
 # across a change of these.
-OBSERVE_ONLY = ("log_every", "save_every", "keep_last", "num_workers", "resume", "tensorboard", "peak_tflops")
+# Where a run is launched (here or as a SLURM job) changes nothing either: the process count is kept below.
+OBSERVE_ONLY = ("log_every", "save_every", "keep_last", "num_workers", "resume", "tensorboard", "peak_tflops",
+                "launcher", "slurm")  # fmt: skip
 
 
 class ResumeMismatch(RuntimeError):
@@ -131,6 +134,7 @@ class Checkpointer:
                 write_json_atomic(self.work / RESUME_KEY, self.key)
             for tmp in self.work.glob(f".{STEP_PREFIX}*.tmp"):  # a checkpoint the killed run did not finish
                 shutil.rmtree(tmp)
+            (self.work / PREEMPTED).unlink(missing_ok=True)
         acc.wait_for_everyone()
         flag = [str(resume) if resume else ""]
         if acc.num_processes > 1:
@@ -138,6 +142,16 @@ class Checkpointer:
 
             broadcast_object_list(flag, from_process=0)
         return Path(flag[0]) if flag[0] else None
+
+    def save_preempted(self, step: int) -> None:
+        """A SIGTERM stopped the run: a resume point at this step (unless one was just saved), then the marker the
+        SLURM job script reads to requeue the job."""
+        if not (self.work / f"{STEP_PREFIX}{step:08d}").is_dir():
+            self.save_step(step)
+        if self.acc.is_main_process:
+            write_json_atomic(self.work / PREEMPTED, {"step": step})
+            self.log(f"stopped by SIGTERM after step {step}: resume point saved, a restart continues from it")
+        self.acc.wait_for_everyone()
 
     def load(self, model, folder: Path) -> None:
         """Restore a resume point after checking it holds exactly this run's trainable weights."""

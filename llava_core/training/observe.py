@@ -183,6 +183,14 @@ def summary_metadata(summary: dict, records: list[dict], folder: Path, png: byte
         "mfu",
         "resumed_from_step",
         "processes",
+        "device_kind",
+        "device_count",
+        "device_name",
+        "world_size",
+        "machines",
+        "mixed_precision",
+        "torch_version",
+        "cuda_version",
     ):
         if summary.get(key) is not None:
             meta[key] = summary[key]
@@ -209,6 +217,7 @@ class TrainObserver:
     ) -> None:
         self.folder, self.phase, self.main = Path(folder), phase, main
         self._stack = ExitStack()
+        self._pipes_stack = ExitStack()  # apart: a run stopped for a requeue leaves the Pipes session open
         self.pipes = None
         self.tb = None
         self.bar = None
@@ -233,7 +242,7 @@ class TrainObserver:
         if under_pipes():
             from dagster_pipes import open_dagster_pipes
 
-            self.pipes = self._stack.enter_context(open_dagster_pipes())
+            self.pipes = self._pipes_stack.enter_context(open_dagster_pipes())
 
     def log(self, msg: str) -> None:
         if not self.main:
@@ -279,7 +288,13 @@ class TrainObserver:
 
     def close(self) -> None:
         self._stack.close()
+        self._pipes_stack.close()
+
+    def suspend(self) -> None:
+        """Close the files but not the Dagster Pipes session: the requeued job continues it (SLURM)."""
+        self._stack.close()
 
     def fail(self, exc: BaseException) -> None:
         """Close everything, handing the exception to Dagster (the run shows it) when under Pipes."""
         self._stack.__exit__(type(exc), exc, exc.__traceback__)
+        self._pipes_stack.__exit__(type(exc), exc, exc.__traceback__)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from llava_core.params import config_from_dict
 from llava_core.phases import PHASE_NAMES, get_phase
 from llava_core.training.checkpointing import Checkpointer
 from llava_core.training.dataset import LlavaHdf5Dataset, collate_trimmed
+from llava_core.training.devices import set_deepspeed_micro_batch
 from llava_core.training.observe import TrainObserver, flops_model, peak_flops, read_metrics, train_flops
 from llava_core.training.sampler import DataPosition, EpochBatches, record_info
 
@@ -64,10 +66,26 @@ class Recipe:
             step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the world size
             kwargs_handlers=[ddp],
         )
+        set_deepspeed_micro_batch(self.accelerator, self.tc.micro_batch_size)
         set_seed(cfg.seed)
         self.checkpoints = Checkpointer(self.accelerator, cfg, phase, self.log)
         self.observer: TrainObserver | None = None
         self._early_lines: list[str] = []
+        # SIGTERM (SLURM preemption, the time limit's --signal, a requeue): save at the next step boundary, then stop
+        self.sigterm = False
+        self.stopped_at: int | None = None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.sigterm = True
+
+    def _stopping(self) -> bool:
+        """Whether any process got SIGTERM (all of them stop at the same step, to save one checkpoint together)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.sigterm
+        flag = torch.tensor([1.0 if self.sigterm else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
     def log(self, msg: str) -> None:
         if self.observer is not None:
@@ -157,7 +175,8 @@ class Recipe:
         return loss
 
     # --- the loop ---------------------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self) -> dict | None:
+        """The phase's loop; the summary, or None when SIGTERM stopped it (a resume point is saved)."""
         acc = self.accelerator
         model = self._setup_model()
         batches = self._setup_data()
@@ -186,6 +205,9 @@ class Recipe:
         self.peak = peak_flops(device_name, self.tc.peak_tflops)
         t0 = time.perf_counter()
         totals, last = self._run_steps(model, optimizer, scheduler, batches, pos, total_steps)
+        if self.stopped_at is not None:
+            self.checkpoints.save_preempted(self.stopped_at)
+            return None
         acc.wait_for_everyone()
         seconds = time.perf_counter() - t0
         records = read_metrics(self.checkpoints.work / METRICS) if acc.is_main_process else []
@@ -199,7 +221,7 @@ class Recipe:
         totals, last = {"tokens": 0, "samples": 0}, None
         window = self._new_window()
         model.train()
-        while pos.step < total_steps:
+        while pos.step < total_steps and self.stopped_at is None:
             for batch in self._loader(batches(pos.epoch)[pos.offset :]):
                 pos.offset += 1
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -228,6 +250,9 @@ class Recipe:
                     window["t"] += time.perf_counter() - t_save  # the window's rates measure training alone
                 if pos.step >= total_steps:
                     break
+                if self._stopping():
+                    self.stopped_at = pos.step
+                    break
             else:  # the epoch ran out (an accumulation group may go on in the next one)
                 pos.epoch, pos.offset = pos.epoch + 1, 0
         return totals, last
@@ -250,6 +275,24 @@ class Recipe:
             "total_parameters": self.freeze.trainable + self.freeze.frozen,
             "image_patch_start_idx": self.dataset.image_start,
             "lora": self.tc.lora.model_dump() if self.tc.lora else None,
+            **self._device_info(),
+        }
+
+    def _device_info(self) -> dict:
+        """Where the run ran: device kind and count, world size, machines, precision, torch and CUDA versions."""
+        acc = self.accelerator
+        cuda = acc.device.type == "cuda"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+        return {
+            "device_kind": acc.device.type,
+            "device_count": acc.num_processes if cuda else 0,  # one GPU per process, over all machines
+            "device_name": torch.cuda.get_device_name(acc.device) if cuda else None,
+            "world_size": acc.num_processes,
+            "machines": max(1, acc.num_processes // max(1, local)),
+            "distributed_type": acc.distributed_type.value,
+            "mixed_precision": acc.mixed_precision,
+            "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda,
         }
 
     # --- what a logged window records -------------------------------------------------------------------------
@@ -310,11 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     base = Path(raw.pop("base_dir"))
     recipe = Recipe(config_from_dict(raw, base), args.phase)
     try:
-        recipe.train()
+        summary = recipe.train()
     except BaseException as e:
         if recipe.observer is not None:
             recipe.observer.fail(e)
         raise
+    if summary is None:  # stopped by SIGTERM after saving (the marker says so): the Dagster Pipes session stays open
+        recipe.observer.suspend()  # for the requeued job, and the process ends normally
 
 
 if __name__ == "__main__":

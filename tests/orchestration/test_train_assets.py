@@ -54,6 +54,9 @@ def test_checkpoint_asset_reports_through_pipes(tmp_path):
         png = (cfg.checkpoint_dir("phase1") / "loss_curve.png").read_bytes()
         assert meta["loss_plot"].value == png_markdown(png, "loss and learning rate against step")
         assert meta["path"].value == str(cfg.checkpoint_dir("phase1"))
+        # checked and planned before the launch (tests/training/test_launch_unit.py), recorded with the run
+        assert "memory plan, phase1: single over 1 process(es)" in meta["memory_plan"].value
+        assert (meta["device_kind"].value, meta["world_size"].value) == ("cpu", 1)
         # the process's log lines reach the run's event log through Pipes
         logs = [e.user_message for e in instance.all_logs(result.run_id)]
         assert any("[phase1] step 4 loss" in m for m in logs)

@@ -51,6 +51,8 @@ EXPECTED_CONFIGS = {
     "fsdp.yaml": ("FSDP", 8),
     "deepspeed_zero2.yaml": ("DEEPSPEED", 8),
     "deepspeed_zero3.yaml": ("DEEPSPEED", 8),
+    "cpu_multi_node.yaml": ("MULTI_GPU", 2),
+    "multi_node.yaml": ("DEEPSPEED", 16),
 }
 
 
