@@ -112,6 +112,7 @@ class Stage:
     dvc: str  # its dvc.yaml stage name ("{key}" filled in: `download@x` for foreach stages)
     outs: Paths  # outputs, the primary one (the asset's data version) first
     deps: Paths  # the outputs of other stages it reads
+    params: tuple[str, ...] = ()  # the params sections it reads ("{key}" filled in): dvc.yaml's `params:`
     checks: str | None = None  # a gate: the stage whose asset it checks (a Dagster asset check, no asset)
 
     def keys(self, cfg: PipelineConfig) -> list:
@@ -146,24 +147,28 @@ STAGES: tuple[Stage, ...] = (
         "raw_{key}", "download@{key}",
         outs=lambda c, k: [c.raw_dir(k)],
         deps=lambda c, k: [],
+        params=("sources.{key}",),
     ),
     Stage(
         "convert", "dataset", "convert", "stage 2: a source file -> data/jsonl/<dataset>.jsonl", run_convert,
         "jsonl_{key}", "convert@{key}",
         outs=lambda c, k: [c.jsonl_path(k), c.convert_report(k)],
         deps=lambda c, k: [c.raw_dir(c.datasets[k].source)],
+        params=("datasets.{key}",),
     ),
     Stage(
         "hdf5", "phase", "hdf5", "stage 3: jsonl -> data/hdf5/<phase>", run_hdf5,
         "hdf5_{key}", "hdf5_{key}",
         outs=lambda c, k: [c.hdf5_dir(k)],
         deps=lambda c, k: [c.jsonl_path(d) for d in c.datasets_for(k)],
+        params=("preset", "seed", "model", "hdf5.{key}"),
     ),
     Stage(
         "validate", "phase", "validate", "stage 3 gate: Great Expectations suites -> data/hdf5/<phase>.validation.json",
         run_validate, None, "validate_{key}",
         outs=lambda c, k: [c.validation_path(k)],
         deps=lambda c, k: [c.hdf5_dir(k), *(c.jsonl_path(d) for d in c.datasets_for(k))],
+        params=("hdf5.{key}",),
         checks="hdf5",
     ),
     Stage(
@@ -171,24 +176,28 @@ STAGES: tuple[Stage, ...] = (
         "checkpoint_{key}", "train_{key}",
         outs=lambda c, k: [c.checkpoint_dir(k)],
         deps=_train_deps,
+        params=("preset", "seed", "model", "train.{key}"),
     ),
     Stage(
         "export_hf", None, "export", "stage 5a: the final checkpoint -> models/hf", run_export,
         "hf_model", "export_hf",
         outs=lambda c, k: [c.model_dir("hf")],
         deps=lambda c, k: [c.checkpoint_dir(FINAL_PHASE)],
+        params=("export",),
     ),
     Stage(
         "export_llava", None, "export-llava", "stage 5a: the final checkpoint -> models/llava (original LLaVA layout)",
         run_export_llava, "llava_model", "export_llava",
         outs=lambda c, k: [c.model_dir("llava")],
         deps=lambda c, k: [c.checkpoint_dir(FINAL_PHASE)],
+        params=("export",),
     ),
     Stage(
         "evaluate", None, "evaluate", "stage 5b: answer the held-out questions -> reports/eval.json", run_evaluate,
         "eval_report", "evaluate",
         outs=lambda c, k: [c.report_file(), c.report_file(ANSWERS)],
         deps=lambda c, k: [c.model_dir("hf"), *_eval_source_dir(c)],
+        params=("eval",),
     ),
 )  # fmt: skip
 STAGE_BY_NAME = {s.name: s for s in STAGES}

@@ -36,16 +36,6 @@ log = logging.getLogger("llava_core")
 
 # The params sections each stage reads: the same lists as the `params:` of its dvc.yaml stage (a test checks that
 # they agree), so a change that DVC would re-run a stage for also changes its fingerprint.
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "download": ("sources.{key}",),
-    "convert": ("datasets.{key}",),
-    "hdf5": ("preset", "seed", "model", "hdf5.{key}"),
-    "validate": ("hdf5.{key}",),
-    "train": ("preset", "seed", "model", "train.{key}"),
-    "export_hf": (),
-    "export_llava": (),
-    "evaluate": ("eval",),
-}
 
 
 def record_path(out: Path) -> Path:
@@ -62,10 +52,10 @@ def read_record(out: Path) -> dict | None:
 
 
 def settings_view(cfg: PipelineConfig, s: Any, key: Any) -> dict:
-    """The settings of one stage run: each params section of `STAGE_PARAMS`, by its dotted name."""
+    """The settings of one stage run: each params section the stage reads (`Stage.params`), by its dotted name."""
     data = cfg.to_dict()
     view = {}
-    for dotted in STAGE_PARAMS[s.name]:
+    for dotted in s.params:
         name = dotted.format(key=key)
         value: Any = data
         for part in name.split("."):
