@@ -1,14 +1,17 @@
-"""Prompt styles and the one function that turns a conversation into token ids, loss mask and image slots.
+"""Prompt styles and the one encoder that turns a conversation into token ids, loss mask and image slots.
 
-The HDF5 writer (training) and evaluation (generation prompts) both call `encode_conversation`, so the
-tokens a model is trained on and the tokens it is asked with are built the same way. Loss masks are built
-per turn from token positions, never by re-tokenising and subtracting lengths (the arithmetic that
-silently zeroes LLaVA's loss when a tokenizer differs).
+The HDF5 writer (training) and evaluation (generation prompts) both go through `encode_segments_batch`, so the
+tokens a model is trained on and the tokens it is asked with are built the same way, and that way is LLaVA's
+(`tokenizer_image_token`): the conversation is rendered as LLaVA renders it (`</s>` written as text after each
+answer), the text is split at the image and each piece is tokenised by itself, BOS on the first piece only.
+Loss masks come from token positions (the character offsets the tokenizer reports for each token), never by
+re-tokenising and subtracting lengths (the arithmetic that silently zeroes LLaVA's loss when a tokenizer differs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,8 +40,13 @@ class Tokenizer(Protocol):
     bos_token_id: int | None
     eos_token_id: int | None
     pad_token_id: int | None
+    eos_token: str | None
 
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+# texts -> (ids, character offsets of each token) per text, without special tokens: what the tokenizer's
+# Rust pipeline gives (`tokenizers.Tokenizer.encode_batch(texts, add_special_tokens=False)`)
+Offsets = Sequence[tuple[int, int]]
+EncodeBatch = Callable[[list[str]], list[tuple[list[int], Offsets]]]
 
 
 class PromptError(ValueError):
@@ -86,36 +94,66 @@ def _split_turns(conversations: list[dict]) -> list[tuple[str, str | None]]:
 
 
 def _strip_image(text: str) -> str:
-    """Remove the `<image>` placeholder and the newline that joins it to the question."""
-    return (
-        text.replace(IMAGE_PLACEHOLDER + "\n", "")
-        .replace("\n" + IMAGE_PLACEHOLDER, "")
-        .replace(IMAGE_PLACEHOLDER, "")
-        .strip()
-    )
+    """The question without the `<image>` placeholder, stripped (LLaVA's `preprocess_multimodal` then puts the
+    image first: `<image>\n{question}`)."""
+    return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-# A conversation as segments before tokenisation: text to tokenise, or fixed ids (BOS, EOS, image slots).
-# Both the single and the batched encoder assemble the same segments, so they give the same ids.
-TEXT, BOS, EOS, IMAGE = "text", "bos", "eos", "image"
+# The parts of a piece: text with no loss, an answer (supervised, with the space that joins it to `ASSISTANT:`),
+# and the EOS written as the tokenizer's EOS text (`</s>`, as LLaVA's template writes it; supervised).
+TEXT, ANSWER, EOS = "text", "answer", "eos"
 
 
 @dataclass
 class Segments:
-    """(kind, text, supervised) in order; `texts()` are the strings to tokenise, in order."""
+    """A conversation as LLaVA renders it, before tokenisation.
 
-    parts: list[tuple[str, str, bool]] = field(default_factory=list)
+    `pieces` are the texts around the image (two with an image, the second starting right after it; one without),
+    each a list of (kind, text) parts. `image_prefix` is the text before the image in this style: a text-only
+    conversation puts its (masked) image slots where that text ends, so every row shares one image start.
+    """
+
+    pieces: list[list[tuple[str, str]]] = field(default_factory=list)
+    has_image: bool = True
+    image_prefix: str = ""
     num_answers: int = 0
 
-    def add(self, kind: str, text: str = "", loss: bool = False) -> None:
-        self.parts.append((kind, text, loss))
+    def render(self, eos_text: str) -> list[tuple[str, list[tuple[int, int]]]]:
+        """Each piece's text and the character ranges [start, end) of its supervised parts (answer + EOS)."""
+        out = []
+        for parts in self.pieces:
+            text, ranges = "", []
+            for kind, part in parts:
+                part = eos_text if kind == EOS else part
+                if kind != TEXT:
+                    if ranges and ranges[-1][1] == len(text):  # an answer runs on through its EOS
+                        ranges[-1] = (ranges[-1][0], len(text) + len(part))
+                    else:
+                        ranges.append((len(text), len(text) + len(part)))
+                text += part
+            out.append((text, ranges))
+        return out
 
-    def texts(self) -> list[str]:
-        return [t for kind, t, _ in self.parts if kind == TEXT]
+    def texts(self, eos_text: str = "</s>") -> list[str]:
+        """The strings the tokenizer is given (the pieces), in order."""
+        return [text for text, _ in self.render(eos_text)]
+
+
+def _answer(parts: list[tuple[str, str]], answer: str, where: str, sep: str = "") -> None:
+    """Append an answer and its EOS. `sep`, the space after `ASSISTANT:`, is supervised with the answer: LLaVA's
+    targets start right after `ASSISTANT:`, so a tokenizer that writes that space as a token of its own (a lone
+    `▁` before a digit, in Llama's vocabulary) is trained to produce it."""
+    if not answer.strip():
+        raise PromptError("empty_answer", where)
+    parts += [(ANSWER, sep + answer.strip()), (EOS, "")]
 
 
 def conversation_segments(conversations: list[dict], style: str, for_generation: bool = False) -> Segments:
-    """The layout of one LLaVA conversation in `style` (see `encode_conversation`), before tokenisation."""
+    """The layout of one LLaVA conversation in `style` (see `encode_conversation`), before tokenisation.
+
+    The conversation has an image when its first question holds the `<image>` placeholder (the writer rejects
+    records whose placeholders do not match their image before this matters).
+    """
     check_style(style)
     pairs = _split_turns(conversations)
     if for_generation:
@@ -123,71 +161,142 @@ def conversation_segments(conversations: list[dict], style: str, for_generation:
             raise PromptError("generation_prompt_ends_with_answer")
     elif pairs[-1][1] is None:
         raise PromptError("odd_number_of_turns", f"{len(conversations)} turns")
+    has_image = IMAGE_PLACEHOLDER in pairs[0][0]
+    if style == "plain":  # the image, then the caption and EOS (Cerebras' phase-1 rows; LLaVA ends on "\n")
+        rest: list[tuple[str, str]] = []
+        if pairs[0][1] is not None:
+            _answer(rest, pairs[0][1], "turn 1")
+        return Segments([[], rest] if has_image else [rest], has_image, "", 1 if rest else 0)
 
-    seg = Segments()
-    if style == "plain":
-        q, a = pairs[0]
-        seg.add(BOS)
-        seg.add(IMAGE)
-        if a is not None:
-            if not a.strip():
-                raise PromptError("empty_answer")
-            seg.add(TEXT, a.strip(), loss=True)
-            seg.add(EOS, loss=True)
-            seg.num_answers = 1
-        return seg
-
-    system = SYSTEM_PROMPTS[style]
+    prefix = f"{SYSTEM_PROMPTS[style]} USER: "
+    first = _strip_image(pairs[0][0])
+    if has_image:  # `{SYSTEM} USER: <image>\n{q1} ASSISTANT:` split at the image
+        pieces = [[(TEXT, prefix)], [(TEXT, f"\n{first} ASSISTANT:" if first else " ASSISTANT:")]]
+    else:
+        pieces = [[(TEXT, f"{prefix}{first} ASSISTANT:")]]
+    parts = pieces[-1]
+    seg = Segments(pieces, has_image, prefix)
     for k, (q, a) in enumerate(pairs):
-        question = _strip_image(q)
-        if k == 0:
-            seg.add(BOS)
-            seg.add(TEXT, f"{system} USER:")
-            seg.add(IMAGE)
-            seg.add(TEXT, f"{question} ASSISTANT:")
-        else:
-            seg.add(TEXT, f"USER: {question} ASSISTANT:")
+        if k:
+            parts.append((TEXT, f"USER: {_strip_image(q)} ASSISTANT:"))
         if a is None:
             break
-        if not a.strip():
-            raise PromptError("empty_answer", f"turn {2 * k + 1}")
-        seg.add(TEXT, a.strip(), loss=True)
-        seg.add(EOS, loss=True)
+        _answer(parts, a, f"turn {2 * k + 1}", sep=" ")
         seg.num_answers += 1
     return seg
 
 
-def assemble(
-    seg: Segments, token_ids: list[list[int]], bos: int, eos: int, num_patches: int, pad_id: int
-) -> EncodedConversation:
-    """Join the segments with `token_ids` (one list per text segment, in order) into ids + loss mask.
+def _supervised(offsets: Offsets, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token index ranges [i, j) of the tokens whose characters overlap each supervised character range.
 
-    The HDF5 writer's inner loop (a dozen parts per conversation, every record): plain list operations.
+    Offsets are in text order; a token of no width (a prefix `▁` some tokenizers add) counts as one character.
     """
-    ids_out: list[int] = []
-    mask: list[int] = []
-    spans: list[tuple[int, int]] = []
-    image_start = 0
-    texts = iter(token_ids)
-    span_start: int | None = None
-    for kind, _text, loss in seg.parts:
-        if kind == TEXT:
-            ids = next(texts)
-        elif kind == BOS:
-            ids = [bos]
-        elif kind == EOS:
-            ids = [eos]
-        else:
-            image_start = len(ids_out)
-            ids = [pad_id] * num_patches
-        if loss and span_start is None:
-            span_start = len(ids_out)
-        ids_out += ids
-        mask += [1 if loss else 0] * len(ids)
-        if kind == EOS and span_start is not None:  # an answer ends with its </s>
-            spans.append((span_start, len(ids_out)))
-            span_start = None
-    return EncodedConversation(ids_out, mask, image_start, num_patches, spans)
+    spans = []
+    for r0, r1 in ranges:
+        j = bisect_left(offsets, (r1,))  # tokens starting before r1
+        i = bisect_left(offsets, (r0,))  # tokens starting at or after r0 ...
+        while i > 0 and max(offsets[i - 1][1], offsets[i - 1][0] + 1) > r0:  # ... and the one straddling r0
+            i -= 1
+        spans.append((i, j))
+    return spans
+
+
+def _assemble(
+    seg: Segments,
+    rendered: list[tuple[str, list[tuple[int, int]]]],
+    encoded: dict[str, tuple[list[int], Offsets]],
+    bos: int,
+    eos: int,
+    num_patches: int,
+    pad_id: int,
+    image_start: int,
+) -> EncodedConversation:
+    """BOS, the first piece's tokens, the image slots, the next piece's tokens; loss on the supervised tokens.
+
+    A conversation without an image gets its slots (masked later by key_padding_mask) at `image_start`, the index
+    every image row has, so its attended tokens are exactly LLaVA's text-only sequence.
+    """
+    ids, mask, spans = [bos], [0], []
+    for k, (text, ranges) in enumerate(rendered):
+        if k == 1:
+            image_start = len(ids)
+            ids += [pad_id] * num_patches
+            mask += [0] * num_patches
+        tokens, offsets = encoded[text]
+        base = len(ids)
+        ids += tokens
+        mask += [0] * len(tokens)
+        for i, j in _supervised(offsets, ranges):
+            if j <= i or tokens[j - 1] != eos:
+                raise ValueError(
+                    f"the tokenizer does not encode its EOS text as the EOS id {eos} after an answer in {text!r}"
+                )
+            mask[base + i : base + j] = [1] * (j - i)
+            spans.append((base + i, base + j))
+    if not seg.has_image:
+        if (spans and spans[0][0] < image_start) or len(ids) < image_start:
+            raise PromptError("image_slots_inside_answer", f"the slots go at {image_start}")
+        ids[image_start:image_start] = [pad_id] * num_patches
+        mask[image_start:image_start] = [0] * num_patches
+        spans = [(s + num_patches, e + num_patches) for s, e in spans]
+    return EncodedConversation(ids, mask, image_start, num_patches, spans)
+
+
+def encode_segments_batch(
+    segments: list[Segments],
+    encode_batch: EncodeBatch,
+    bos: int,
+    eos: int,
+    num_patches: int,
+    pad_id: int,
+    eos_text: str,
+) -> list[EncodedConversation]:
+    """Encode many conversations with one batched tokeniser call (the HDF5 writer's path; evaluation's too).
+
+    `encode_batch(texts)` returns, for each text, its ids and each token's character offsets, without special
+    tokens (`backend_encoder`, `batch_encoder`); `eos_text` is the EOS token's text (`</s>`), written after each
+    answer as LLaVA's template writes it. Each distinct text is tokenised once (the first piece, the system
+    prompt, is the same in every conversation of a style).
+    """
+    rendered = [seg.render(eos_text) for seg in segments]
+    texts = {seg.image_prefix: None for seg in segments}
+    texts.update((text, None) for pieces in rendered for text, _ in pieces)
+    unique = [t for t in texts if t]
+    encoded: dict[str, tuple[list[int], Offsets]] = {"": ([], [])}
+    encoded.update(zip(unique, encode_batch(unique) if unique else [], strict=True))
+    starts = {prefix: 1 + len(encoded[prefix][0]) for prefix in {seg.image_prefix for seg in segments}}
+    return [
+        _assemble(seg, pieces, encoded, bos, eos, num_patches, pad_id, starts[seg.image_prefix])
+        for seg, pieces in zip(segments, rendered, strict=True)
+    ]
+
+
+def backend_encoder(backend) -> EncodeBatch:
+    """`EncodeBatch` over a `tokenizers.Tokenizer` (a fast tokenizer's Rust pipeline; the writer's workers)."""
+
+    def encode_batch(texts: list[str]) -> list[tuple[list[int], Offsets]]:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+    return encode_batch
+
+
+def batch_encoder(tokenizer) -> EncodeBatch:
+    """`EncodeBatch` for a transformers tokenizer: its Rust pipeline when it has one, else its own offsets."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend_encoder(backend)
+
+    def encode_batch(texts: list[str]) -> list[tuple[list[int], Offsets]]:
+        try:
+            out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise ValueError(
+                f"{type(tokenizer).__name__} reports no token offsets; the encoder needs a fast tokenizer "
+                "(a folder with tokenizer.json)"
+            ) from None
+        return list(zip(out["input_ids"], out["offset_mapping"], strict=True))
+
+    return encode_batch
 
 
 def _special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
@@ -205,42 +314,20 @@ def encode_conversation(
     pad_id: int,
     for_generation: bool = False,
 ) -> EncodedConversation:
-    """Encode one LLaVA conversation.
+    """Encode one LLaVA conversation as LLaVA's `tokenizer_image_token` does (P = num_patches pad slots):
 
-    plain:      [BOS] [pad]*P caption [EOS]                      (question text dropped; loss on caption+EOS)
-    vicuna_v1:  [BOS] SYSTEM USER: [pad]*P q1 ASSISTANT: a1 [EOS] USER: q2 ASSISTANT: a2 [EOS] ...
-    Text-only records keep the slots (the caller masks them with key_padding_mask).
+    plain:      [BOS] [pad]*P caption [EOS]                      (question text dropped; loss on caption + EOS)
+    vicuna_v1:  [BOS] tok("{SYSTEM} USER: ") [pad]*P tok("\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: ...")
+    A text-only conversation is LLaVA's text-only sequence, tok("{SYSTEM} USER: {q1} ASSISTANT: ..."), with the
+    P slots (masked by the caller with key_padding_mask) at the index where an image row has them.
     With ``for_generation`` the conversation must end with a human turn and the ids end with `ASSISTANT:`.
-    Each text segment is tokenised on its own (no special tokens), so masks follow token positions.
     """
     seg = conversation_segments(conversations, style, for_generation)
     bos, eos = _special_ids(tokenizer)
-    ids = [tokenizer.encode(t, add_special_tokens=False) if t else [] for t in seg.texts()]
-    return assemble(seg, ids, bos, eos, num_patches, pad_id)
-
-
-def encode_segments_batch(
-    segments: list[Segments],
-    encode_batch: Callable[[list[str]], list[list[int]]],
-    bos: int,
-    eos: int,
-    num_patches: int,
-    pad_id: int,
-) -> list[EncodedConversation]:
-    """`encode_conversation` for many conversations with one batched tokeniser call (the HDF5 writer's path).
-
-    `encode_batch(texts)` must return the ids `tokenizer.encode(text, add_special_tokens=False)` would.
-    """
-    texts = [t for seg in segments for t in seg.texts()]
-    unique = list(dict.fromkeys(t for t in texts if t))  # system prompts and common questions: once each
-    known = dict(zip(unique, encode_batch(unique) if unique else [], strict=True))
-    ids = [known[t] if t else [] for t in texts]
-    out, k = [], 0
-    for seg in segments:
-        n = len(seg.texts())
-        out.append(assemble(seg, ids[k : k + n], bos, eos, num_patches, pad_id))
-        k += n
-    return out
+    eos_text = tokenizer.eos_token
+    if not eos_text:
+        raise ValueError("tokenizer must define eos_token (its text is written after each answer)")
+    return encode_segments_batch([seg], batch_encoder(tokenizer), bos, eos, num_patches, pad_id, eos_text)[0]
 
 
 def count_image_placeholders(conversations: list[dict]) -> int:

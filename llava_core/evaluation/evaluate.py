@@ -24,7 +24,7 @@ from llava_core.artifacts import ANSWERS, EVAL_REPORT, EXPORT_INFO, REVIEWS
 from llava_core.atomic import staged, write_json_atomic
 from llava_core.config import EvalConfig, PipelineConfig
 from llava_core.data.images import ImageRejected, check_image, clip_transform, load_rgb
-from llava_core.data.prompts import PROMPT_SUFFIXES, encode_conversation, text_is_valid_unicode
+from llava_core.data.prompts import IMAGE_PLACEHOLDER, PROMPT_SUFFIXES, encode_conversation, text_is_valid_unicode
 from llava_core.evaluation.metrics import METRICS
 
 
@@ -85,6 +85,25 @@ def with_suffix(text: str, suffix: str) -> str:
     return f"{text}\n{suffix}"
 
 
+def generation_ids(
+    text: str, tokenizer, prompt_style: str, num_patches: int, pad_id: int, image_token_id: int
+) -> list[int]:
+    """The prompt of one question as LLaVA's evaluation builds it (`{SYSTEM} USER: <image>\n{text} ASSISTANT:`,
+    split at the image, each piece tokenised by itself), through the encoder that built the training rows, with
+    the image slots set to the `<image>` token that `LlavaForConditionalGeneration` fills."""
+    enc = encode_conversation(
+        [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{text}"}],
+        tokenizer,
+        prompt_style,
+        num_patches,
+        pad_id,
+        for_generation=True,
+    )
+    ids = list(enc.input_ids)
+    ids[enc.image_start : enc.image_start + num_patches] = [image_token_id] * num_patches
+    return ids
+
+
 @torch.no_grad()
 def generate(
     hf_model,
@@ -105,17 +124,7 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         seqs, pixels = [], []
         for text, image in zip(prompts[start : start + batch_size], images[start : start + batch_size], strict=True):
-            enc = encode_conversation(
-                [{"from": "human", "value": f"<image>\n{text}"}],
-                tokenizer,
-                prompt_style,
-                num_patches,
-                pad,
-                for_generation=True,
-            )
-            ids = list(enc.input_ids)
-            ids[enc.image_start : enc.image_start + num_patches] = [image_token_id] * num_patches
-            seqs.append(ids)
+            seqs.append(generation_ids(text, tokenizer, prompt_style, num_patches, pad, image_token_id))
             pixels.append(clip_transform(image, size))
         width = max(len(s) for s in seqs)
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])  # (B, T), left padded
