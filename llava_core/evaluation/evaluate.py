@@ -12,6 +12,7 @@ category and, when `eval.judge` is set, the judge review; `reports/reviews.jsonl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -188,19 +189,29 @@ def score(questions: list[dict], preds: list[str], cfg: PipelineConfig) -> dict:
 
 
 def answer_records(questions: list[dict], preds: list[str], prompts: list[str], model_id: str) -> list[dict]:
+    """One record per question with the fields LLaVA's `model_vqa*` scripts write (question_id, prompt, text,
+    answer_id, model_id, metadata), which its `convert_*_for_submission` and `eval_*` scripts read, and ours."""
     return [
         {
             "question_id": q["question_id"],
-            "image": q["image"],
             "prompt": prompt,
             "text": p,
+            "answer_id": answer_id(model_id, q["question_id"], prompt, p),
+            "model_id": model_id,
+            "metadata": {},
+            "image": q["image"],
             "answers": q["answers"],
             "category": question_category(q),
-            "model_id": model_id,
             **({"context": q["context"]} if "context" in q else {}),
         }
         for q, p, prompt in zip(questions, preds, prompts, strict=True)
     ]
+
+
+def answer_id(model_id: str, question_id, prompt: str, text: str) -> str:
+    """A 22-character id, as LLaVA's (shortuuid) are long, but reproducible: the same answer gets the same id."""
+    key = json.dumps([model_id, question_id, prompt, text], ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:22]
 
 
 def write_answers(path: Path, records: list[dict]) -> None:
