@@ -142,7 +142,7 @@ class TaskRunner:
             return None
         image = rec.get("image")
         try:  # the cheap checks first: a record rejected here never has its image decoded
-            segments = conversation_segments(conv, s.style)
+            segments = conversation_segments(conv, s.style, eos_text=self.eos_text)
         except PromptError as e:
             res.discarded[e.reason] += 1
             return None
@@ -183,9 +183,7 @@ class TaskRunner:
         with ThreadPoolExecutor(1, thread_name_prefix="image-checks") as checker:
             checks = checker.submit(self._check_images, [image for _, image in parsed if image is not None])
             segments = [seg for seg, _ in parsed]
-            encoded = encode_segments_batch(
-                segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id, self.eos_text
-            )
+            encoded = encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
             infos = iter(checks.result())
         rows, paths = [], []
         for (_, image), enc in zip(parsed, encoded, strict=True):

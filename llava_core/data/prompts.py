@@ -43,10 +43,32 @@ class Tokenizer(Protocol):
     eos_token: str | None
 
 
-# texts -> (ids, character offsets of each token) per text, without special tokens: what the tokenizer's
-# Rust pipeline gives (`tokenizers.Tokenizer.encode_batch(texts, add_special_tokens=False)`)
-Offsets = Sequence[tuple[int, int]]
-EncodeBatch = Callable[[list[str]], list[tuple[list[int], Offsets]]]
+class Encoded(Protocol):
+    """One text's tokens: what `tokenizers.Encoding` offers (its ids, and the token holding a character)."""
+
+    @property
+    def ids(self) -> list[int]: ...
+
+    def char_to_token(self, char_pos: int, sequence_index: int = 0) -> int | None: ...
+
+
+# texts -> their encodings, without special tokens: what the tokenizer's Rust pipeline gives
+# (`tokenizers.Tokenizer.encode_batch(texts, add_special_tokens=False)`)
+EncodeBatch = Callable[[list[str]], list[Encoded]]
+
+
+@dataclass
+class OffsetEncoding:
+    """`Encoded` from ids and each token's character offsets (a tokenizer without a Rust pipeline)."""
+
+    ids: list[int]
+    offsets: Sequence[tuple[int, int]]
+
+    def char_to_token(self, char_pos: int, sequence_index: int = 0) -> int | None:
+        k = bisect_left(self.offsets, (char_pos + 1,)) - 1  # the last token starting at or before char_pos
+        while k > 0 and self.offsets[k - 1][0] == self.offsets[k][0]:  # byte tokens of one character: the first
+            k -= 1
+        return k if k >= 0 and self.offsets[k][0] <= char_pos < self.offsets[k][1] else None
 
 
 class PromptError(ValueError):
@@ -99,57 +121,57 @@ def _strip_image(text: str) -> str:
     return text.replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-# The parts of a piece: text with no loss, an answer (supervised, with the space that joins it to `ASSISTANT:`),
-# and the EOS written as the tokenizer's EOS text (`</s>`, as LLaVA's template writes it; supervised).
-TEXT, ANSWER, EOS = "text", "answer", "eos"
-
-
 @dataclass
 class Segments:
-    """A conversation as LLaVA renders it, before tokenisation.
+    """A conversation rendered as LLaVA renders it, before tokenisation.
 
-    `pieces` are the texts around the image (two with an image, the second starting right after it; one without),
-    each a list of (kind, text) parts. `image_prefix` is the text before the image in this style: a text-only
-    conversation puts its (masked) image slots where that text ends, so every row shares one image start.
+    `pieces` are the texts around the image (two with an image, the second starting right after it; one without);
+    `supervised[k]` are the character ranges [start, end) of piece k that are trained on: each answer with the
+    space that joins it to `ASSISTANT:`, through the EOS text written after it. `image_prefix` is the text before
+    the image in this style: a text-only conversation puts its (masked) image slots where that text's tokens
+    end, so every row shares one image start.
     """
 
-    pieces: list[list[tuple[str, str]]] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    supervised: list[list[tuple[int, int]]] = field(default_factory=list)
     has_image: bool = True
     image_prefix: str = ""
     num_answers: int = 0
 
-    def render(self, eos_text: str) -> list[tuple[str, list[tuple[int, int]]]]:
-        """Each piece's text and the character ranges [start, end) of its supervised parts (answer + EOS)."""
-        out = []
-        for parts in self.pieces:
-            text, ranges = "", []
-            for kind, part in parts:
-                part = eos_text if kind == EOS else part
-                if kind != TEXT:
-                    if ranges and ranges[-1][1] == len(text):  # an answer runs on through its EOS
-                        ranges[-1] = (ranges[-1][0], len(text) + len(part))
-                    else:
-                        ranges.append((len(text), len(text) + len(part)))
-                text += part
-            out.append((text, ranges))
-        return out
-
-    def texts(self, eos_text: str = "</s>") -> list[str]:
+    def texts(self) -> list[str]:
         """The strings the tokenizer is given (the pieces), in order."""
-        return [text for text, _ in self.render(eos_text)]
+        return self.pieces
 
 
-def _answer(parts: list[tuple[str, str]], answer: str, where: str, sep: str = "") -> None:
-    """Append an answer and its EOS. `sep`, the space after `ASSISTANT:`, is supervised with the answer: LLaVA's
-    targets start right after `ASSISTANT:`, so a tokenizer that writes that space as a token of its own (a lone
-    `▁` before a digit, in Llama's vocabulary) is trained to produce it."""
-    if not answer.strip():
-        raise PromptError("empty_answer", where)
-    parts += [(ANSWER, sep + answer.strip()), (EOS, "")]
+class _Piece:
+    """A piece's text built part by part, with the character ranges of its supervised parts."""
+
+    def __init__(self, text: str = "") -> None:
+        self.chunks, self.ranges, self.pos = [text], [], len(text)
+
+    def add(self, text: str) -> None:
+        self.chunks.append(text)
+        self.pos += len(text)
+
+    def answer(self, text: str, eos_text: str, where: str) -> None:
+        """An answer (`text` with its leading separator) and its EOS, supervised. The separator, the space after
+        `ASSISTANT:`, is supervised with the answer as in LLaVA's targets (which start right after `ASSISTANT:`):
+        a tokenizer that writes that space as a token of its own (`▁` before a digit, in Llama's) learns it."""
+        if not text.strip():
+            raise PromptError("empty_answer", where)
+        start = self.pos
+        self.add(text + eos_text)
+        self.ranges.append((start, self.pos))
+
+    def text(self) -> str:
+        return "".join(self.chunks)
 
 
-def conversation_segments(conversations: list[dict], style: str, for_generation: bool = False) -> Segments:
-    """The layout of one LLaVA conversation in `style` (see `encode_conversation`), before tokenisation.
+def conversation_segments(
+    conversations: list[dict], style: str, for_generation: bool = False, eos_text: str = "</s>"
+) -> Segments:
+    """One LLaVA conversation in `style` rendered as text (see `encode_conversation`), `eos_text` (the tokenizer's
+    EOS text) after each answer, split at the image.
 
     The conversation has an image when its first question holds the `<image>` placeholder (the writer rejects
     records whose placeholders do not match their image before this matters).
@@ -163,48 +185,51 @@ def conversation_segments(conversations: list[dict], style: str, for_generation:
         raise PromptError("odd_number_of_turns", f"{len(conversations)} turns")
     has_image = IMAGE_PLACEHOLDER in pairs[0][0]
     if style == "plain":  # the image, then the caption and EOS (Cerebras' phase-1 rows; LLaVA ends on "\n")
-        rest: list[tuple[str, str]] = []
+        caption = _Piece()
         if pairs[0][1] is not None:
-            _answer(rest, pairs[0][1], "turn 1")
-        return Segments([[], rest] if has_image else [rest], has_image, "", 1 if rest else 0)
+            caption.answer(pairs[0][1].strip(), eos_text, "turn 1")
+        pieces = ([_Piece()] if has_image else []) + [caption]
+        return _segments(pieces, has_image, "", len(caption.ranges))
 
     prefix = f"{SYSTEM_PROMPTS[style]} USER: "
     first = _strip_image(pairs[0][0])
     if has_image:  # `{SYSTEM} USER: <image>\n{q1} ASSISTANT:` split at the image
-        pieces = [[(TEXT, prefix)], [(TEXT, f"\n{first} ASSISTANT:" if first else " ASSISTANT:")]]
+        pieces = [_Piece(prefix), _Piece(f"\n{first} ASSISTANT:" if first else " ASSISTANT:")]
     else:
-        pieces = [[(TEXT, f"{prefix}{first} ASSISTANT:")]]
-    parts = pieces[-1]
-    seg = Segments(pieces, has_image, prefix)
+        pieces = [_Piece(f"{prefix}{first} ASSISTANT:")]
+    rest = pieces[-1]
     for k, (q, a) in enumerate(pairs):
         if k:
-            parts.append((TEXT, f"USER: {_strip_image(q)} ASSISTANT:"))
+            rest.add(f"USER: {_strip_image(q)} ASSISTANT:")
         if a is None:
             break
-        _answer(parts, a, f"turn {2 * k + 1}", sep=" ")
-        seg.num_answers += 1
-    return seg
+        rest.answer(f" {a.strip()}", eos_text, f"turn {2 * k + 1}")
+    return _segments(pieces, has_image, prefix, len(rest.ranges))
 
 
-def _supervised(offsets: Offsets, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Token index ranges [i, j) of the tokens whose characters overlap each supervised character range.
+def _segments(pieces: list[_Piece], has_image: bool, prefix: str, num_answers: int) -> Segments:
+    return Segments([p.text() for p in pieces], [p.ranges for p in pieces], has_image, prefix, num_answers)
 
-    Offsets are in text order; a token of no width (a prefix `▁` some tokenizers add) counts as one character.
-    """
+
+def _supervised(enc: Encoded, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token index ranges [i, j) from the token holding the first character of each supervised character range to
+    the one holding its last (the tokens that cover the range: a token straddling its start is included)."""
     spans = []
     for r0, r1 in ranges:
-        j = bisect_left(offsets, (r1,))  # tokens starting before r1
-        i = bisect_left(offsets, (r0,))  # tokens starting at or after r0 ...
-        while i > 0 and max(offsets[i - 1][1], offsets[i - 1][0] + 1) > r0:  # ... and the one straddling r0
-            i -= 1
-        spans.append((i, j))
+        first, last = enc.char_to_token(r0), enc.char_to_token(r1 - 1)
+        if first is None:  # a character no token holds (none in the tokenizers tested): the next one that is held
+            first = next((t for c in range(r0 + 1, r1) if (t := enc.char_to_token(c)) is not None), None)
+        if last is None:
+            last = next((t for c in range(r1 - 2, r0 - 1, -1) if (t := enc.char_to_token(c)) is not None), None)
+        if first is None or last is None:
+            raise ValueError(f"the tokenizer reports no token for the characters {r0}-{r1} of a supervised answer")
+        spans.append((first, last + 1))
     return spans
 
 
 def _assemble(
     seg: Segments,
-    rendered: list[tuple[str, list[tuple[int, int]]]],
-    encoded: dict[str, tuple[list[int], Offsets]],
+    encoded: dict[str, Encoded],
     bos: int,
     eos: int,
     num_patches: int,
@@ -217,16 +242,17 @@ def _assemble(
     every image row has, so its attended tokens are exactly LLaVA's text-only sequence.
     """
     ids, mask, spans = [bos], [0], []
-    for k, (text, ranges) in enumerate(rendered):
+    for k, (text, ranges) in enumerate(zip(seg.pieces, seg.supervised, strict=True)):
         if k == 1:
             image_start = len(ids)
             ids += [pad_id] * num_patches
             mask += [0] * num_patches
-        tokens, offsets = encoded[text]
+        enc = encoded[text]
+        tokens = enc.ids
         base = len(ids)
         ids += tokens
         mask += [0] * len(tokens)
-        for i, j in _supervised(offsets, ranges):
+        for i, j in _supervised(enc, ranges):
             if j <= i or tokens[j - 1] != eos:
                 raise ValueError(
                     f"the tokenizer does not encode its EOS text as the EOS id {eos} after an answer in {text!r}"
@@ -249,33 +275,27 @@ def encode_segments_batch(
     eos: int,
     num_patches: int,
     pad_id: int,
-    eos_text: str,
 ) -> list[EncodedConversation]:
     """Encode many conversations with one batched tokeniser call (the HDF5 writer's path; evaluation's too).
 
-    `encode_batch(texts)` returns, for each text, its ids and each token's character offsets, without special
-    tokens (`backend_encoder`, `batch_encoder`); `eos_text` is the EOS token's text (`</s>`), written after each
-    answer as LLaVA's template writes it. Each distinct text is tokenised once (the first piece, the system
-    prompt, is the same in every conversation of a style).
+    `encode_batch(texts)` returns, for each text, its encoding without special tokens (`Encoded`: its ids, and
+    which token holds a character; `backend_encoder`, `batch_encoder`). Each distinct text is tokenised once
+    (the first piece, the system prompt, is the same in every conversation of a style).
     """
-    rendered = [seg.render(eos_text) for seg in segments]
     texts = {seg.image_prefix: None for seg in segments}
-    texts.update((text, None) for pieces in rendered for text, _ in pieces)
+    texts.update((text, None) for seg in segments for text in seg.pieces)
     unique = [t for t in texts if t]
-    encoded: dict[str, tuple[list[int], Offsets]] = {"": ([], [])}
+    encoded: dict[str, Encoded] = {"": OffsetEncoding([], [])}
     encoded.update(zip(unique, encode_batch(unique) if unique else [], strict=True))
-    starts = {prefix: 1 + len(encoded[prefix][0]) for prefix in {seg.image_prefix for seg in segments}}
-    return [
-        _assemble(seg, pieces, encoded, bos, eos, num_patches, pad_id, starts[seg.image_prefix])
-        for seg, pieces in zip(segments, rendered, strict=True)
-    ]
+    starts = {prefix: 1 + len(encoded[prefix].ids) for prefix in {seg.image_prefix for seg in segments}}
+    return [_assemble(seg, encoded, bos, eos, num_patches, pad_id, starts[seg.image_prefix]) for seg in segments]
 
 
 def backend_encoder(backend) -> EncodeBatch:
     """`EncodeBatch` over a `tokenizers.Tokenizer` (a fast tokenizer's Rust pipeline; the writer's workers)."""
 
-    def encode_batch(texts: list[str]) -> list[tuple[list[int], Offsets]]:
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(texts: list[str]) -> list[Encoded]:
+        return backend.encode_batch(texts, add_special_tokens=False)
 
     return encode_batch
 
@@ -286,7 +306,7 @@ def batch_encoder(tokenizer) -> EncodeBatch:
     if backend is not None:
         return backend_encoder(backend)
 
-    def encode_batch(texts: list[str]) -> list[tuple[list[int], Offsets]]:
+    def encode_batch(texts: list[str]) -> list[Encoded]:
         try:
             out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         except NotImplementedError:
@@ -294,7 +314,10 @@ def batch_encoder(tokenizer) -> EncodeBatch:
                 f"{type(tokenizer).__name__} reports no token offsets; the encoder needs a fast tokenizer "
                 "(a folder with tokenizer.json)"
             ) from None
-        return list(zip(out["input_ids"], out["offset_mapping"], strict=True))
+        return [
+            OffsetEncoding(i, [tuple(o) for o in offs])
+            for i, offs in zip(out["input_ids"], out["offset_mapping"], strict=True)
+        ]
 
     return encode_batch
 
@@ -322,12 +345,12 @@ def encode_conversation(
     P slots (masked by the caller with key_padding_mask) at the index where an image row has them.
     With ``for_generation`` the conversation must end with a human turn and the ids end with `ASSISTANT:`.
     """
-    seg = conversation_segments(conversations, style, for_generation)
     bos, eos = _special_ids(tokenizer)
     eos_text = tokenizer.eos_token
     if not eos_text:
         raise ValueError("tokenizer must define eos_token (its text is written after each answer)")
-    return encode_segments_batch([seg], batch_encoder(tokenizer), bos, eos, num_patches, pad_id, eos_text)[0]
+    seg = conversation_segments(conversations, style, for_generation, eos_text)
+    return encode_segments_batch([seg], batch_encoder(tokenizer), bos, eos, num_patches, pad_id)[0]
 
 
 def count_image_placeholders(conversations: list[dict]) -> int:

@@ -131,21 +131,27 @@ def test_mistral_later_turns_have_no_extra_space(tokenizers):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_batched_encoder_equals_single(tokenizers, kind):
     """The writer's path (one batched call for many conversations) gives the ids of the one-by-one path."""
-    from llava_core.data.prompts import batch_encoder, conversation_segments, encode_segments_batch
+    from llava_core.data.prompts import OffsetEncoding, batch_encoder, conversation_segments, encode_segments_batch
 
     tok = tokenizers[kind]
     convs = list(CONVERSATIONS.values())
-    segments = [conversation_segments(c, "vicuna_v1") for c in convs]
-    batch = encode_segments_batch(
-        segments, batch_encoder(tok), tok.bos_token_id, tok.eos_token_id, P, tok.pad_token_id, tok.eos_token
-    )
-    for conv, enc in zip(convs, batch, strict=True):
+    segments = [conversation_segments(c, "vicuna_v1", eos_text=tok.eos_token) for c in convs]
+    batch = encode_segments_batch(segments, batch_encoder(tok), tok.bos_token_id, tok.eos_token_id, P, tok.pad_token_id)
+    # a tokenizer without a Rust pipeline gives ids and offsets (OffsetEncoding): the same conversations
+    backend = tok.backend_tokenizer
+
+    def offsets_only(texts):
+        return [OffsetEncoding(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+    by_offsets = encode_segments_batch(segments, offsets_only, tok.bos_token_id, tok.eos_token_id, P, tok.pad_token_id)
+    for conv, enc, other in zip(convs, batch, by_offsets, strict=True):
         single = encode_conversation(conv, tok, "vicuna_v1", P, tok.pad_token_id)
-        assert (enc.input_ids, enc.loss_mask, enc.image_start) == (
-            single.input_ids,
-            single.loss_mask,
-            single.image_start,
-        )
+        for got in (enc, other):
+            assert (got.input_ids, got.loss_mask, got.image_start) == (
+                single.input_ids,
+                single.loss_mask,
+                single.image_start,
+            )
 
 
 def test_reference_sees_llavas_mismatch_bug(tokenizers):
