@@ -4,7 +4,7 @@ The HDF5 writer (training) and evaluation (generation prompts) both go through `
 tokens a model is trained on and the tokens it is asked with are built the same way, and that way is LLaVA's
 (`tokenizer_image_token`): the conversation is rendered as LLaVA renders it (`</s>` written as text after each
 answer), the text is split at the image and each piece is tokenised by itself, BOS on the first piece only.
-Loss masks come from token positions (the character offsets the tokenizer reports for each token), never by
+Loss masks come from token positions (the token the tokenizer reports for each character), never by
 re-tokenising and subtracting lengths (the arithmetic that silently zeroes LLaVA's loss when a tokenizer differs).
 """
 
@@ -260,8 +260,8 @@ def _assemble(
             mask[base + i : base + j] = [1] * (j - i)
             spans.append((base + i, base + j))
     if not seg.has_image:
-        if (spans and spans[0][0] < image_start) or len(ids) < image_start:
-            raise PromptError("image_slots_inside_answer", f"the slots go at {image_start}")
+        if (spans and spans[0][0] < image_start) or len(ids) < image_start:  # the first question holds the index
+            raise ValueError(f"a text-only conversation's image slots at {image_start} would split an answer")
         ids[image_start:image_start] = [pad_id] * num_patches
         mask[image_start:image_start] = [0] * num_patches
         spans = [(s + num_patches, e + num_patches) for s, e in spans]
