@@ -315,6 +315,11 @@ class ModelConfig(Schema):
     vision_feature_layer: int = Field(-2, description="hidden state of the vision tower fed to the projector")
     image_size: Positive = Field(336, description="pixels of the square input image")
     init_seed: int = Field(0, description="seed of the random initialisation")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype the weights are held in while training, whatever the pretrained files store (Vicuna-v1.5 "
+        "is fp16): float32 with mixed precision from train.<phase>.mixed_precision, or bfloat16 for pure bf16",
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> ModelConfig:

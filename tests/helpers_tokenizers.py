@@ -5,7 +5,10 @@ Built locally (no hub access) with the `tokenizers` library, the way those folde
   `Prepend("▁") + Replace(" ", "▁")` normaliser, `<unk>`=0 `<s>`=1 `</s>`=2, no pad token;
 - `mistral`: Mistral-7B-v0.3 (`legacy: false`): a `Metaspace(prepend_scheme="first")` pre-tokeniser,
   control tokens `[INST]`, `[/INST]`, `[TOOL_CALLS]`, ... after `</s>`, no pad token;
-- `llama_pad`: Llama conventions with an explicit `<pad>` appended after the vocabulary (pad != unk).
+- `llama_pad`: Llama conventions with an explicit `<pad>` appended after the vocabulary (pad != unk);
+- `vicuna`: Vicuna-v1.5 / Llama-2 conventions with a hand-made vocabulary whose pieces for the system prompt,
+  `USER:` and `ASSISTANT:` are those of the real Llama-2 SentencePiece model (`▁pol` `ite`, `▁user` `'` `s`,
+  `▁US` `ER` `:`, `▁A` `SS` `IST` `ANT` `:`), other text as characters or bytes (`\n` is `<0x0A>`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from llava_core.data import synthetic
 from llava_core.data.prompts import SYSTEM_PROMPTS
 
-KINDS = ("llama", "mistral", "llama_pad")
+KINDS = ("llama", "mistral", "llama_pad", "vicuna")
 MISTRAL_CONTROL = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"]
 
 
@@ -32,19 +35,44 @@ def _corpus() -> list[str]:
     return lines * 3
 
 
+# Llama-2's pieces for the vicuna_v1 system prompt (30 tokens), " USER:" and " ASSISTANT:", and a few words
+VICUNA_PIECES = (
+    "▁A ▁chat ▁between ▁a ▁curious ▁user ▁and ▁an ▁artificial ▁intelligence ▁assistant ▁The ▁gives ▁helpful "
+    "▁detailed ▁pol ite ▁answers ▁to ▁the ▁questions ▁US ER SS IST ANT ▁What ▁color ▁is ▁circle ▁square ▁red "
+    "▁blue ▁How ▁many"
+).split()
+
+
+def _vicuna_tokenizer() -> Tokenizer:
+    """BPE whose merges build each of VICUNA_PIECES from the left, one character at a time (and nothing else)."""
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{i:02X}>" for i in range(256)])}
+    for ch in ["▁", *string.printable.strip()]:
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+    for piece in VICUNA_PIECES:
+        for k in range(2, len(piece) + 1):
+            left, right = piece[: k - 1], piece[k - 1]
+            if piece[:k] not in vocab:
+                vocab[piece[:k]] = len(vocab)
+                merges.append((left, right))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(specials)
+    return tok
+
+
 def build_tokenizer_folder(folder: Path, kind: str) -> Path:
     """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json for `kind` into `folder`."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid: {KINDS}")
+    if kind == "vicuna":
+        return _save(folder, kind, _vicuna_tokenizer(), pre=None)
     specials = ["<unk>", "<s>", "</s>"] + (MISTRAL_CONTROL if kind == "mistral" else [])
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     if kind == "mistral":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     else:
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
     trainer = trainers.BpeTrainer(
         vocab_size=len(specials) + 256 + 300,
         special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)],
@@ -61,7 +89,17 @@ def build_tokenizer_folder(folder: Path, kind: str) -> Path:
     data = json.loads(tok.to_str())
     data["pre_tokenizer"] = json.loads(real_pre.__getstate__()) if real_pre is not None else None
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in specials]  # bytes: plain vocab
-    tok = Tokenizer.from_str(json.dumps(data))
+    return _save(folder, kind, Tokenizer.from_str(json.dumps(data)), pre=real_pre)
+
+
+def _save(folder: Path, kind: str, tok: Tokenizer, pre) -> Path:
+    """The folder's pipeline (Llama's normaliser unless `pre` tokenises, BOS template, decoder) and its configs."""
+    if pre is None:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )

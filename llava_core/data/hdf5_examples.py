@@ -23,6 +23,8 @@ from llava_core.data.images import ImageChecker, ImageRejected
 from llava_core.data.prompts import (
     PromptError,
     Segments,
+    backend_encoder,
+    batch_encoder,
     conversation_segments,
     encode_segments_batch,
     placeholder_problem,
@@ -40,20 +42,24 @@ def example_rows(
 def pack_examples(
     examples: list[tuple[list[int], list[int], bool]], msl: int, pad_id: int, image_start: int, num_patches: int
 ) -> np.ndarray:
-    """(ids, loss, has_image) of encoded conversations (each at most MSL long) -> int32 (N, 4, MSL)."""
+    """(tokens, loss, has_image) of encoded conversations (each at most MSL long) -> int32 (N, 4, MSL).
+
+    Cerebras' construction: `input_ids = tokens[:-1]`, `labels = tokens[1:]`, the loss mask of each label, and
+    key_padding_mask 1 from the end of the inputs (the final `</s>` is a label, never an input).
+    """
     n = len(examples)
     data = np.zeros((n, 4, msl), dtype=np.int32)
-    ids, loss = data[:, 0], data[:, 1]
+    ids, loss, labels = data[:, 0], data[:, 1], data[:, 2]
     ids[:] = pad_id
+    labels[:] = pad_id
     lengths = np.empty(n, dtype=np.int64)
-    for k, (enc_ids, enc_loss, _) in enumerate(examples):
-        m = len(enc_ids)
+    for k, (tokens, enc_loss, _) in enumerate(examples):
+        m = len(tokens) - 1
         lengths[k] = m
-        ids[k, :m] = enc_ids
-        loss[k, : m - 1] = enc_loss[1:m]  # aligned with labels: labels[t] = ids[t + 1]
-    data[:, 2, :-1] = ids[:, 1:]
-    data[:, 2, -1] = pad_id
-    data[:, 3] = np.arange(msl)[None, :] >= lengths[:, None]  # 1 after the sequence
+        ids[k, :m] = tokens[:-1]
+        labels[k, :m] = tokens[1:]
+        loss[k, :m] = enc_loss[1:]
+    data[:, 3] = np.arange(msl)[None, :] >= lengths[:, None]  # 1 after the inputs
     text_only = np.array([not has_image for _, _, has_image in examples], dtype=bool)
     data[text_only, 3, image_start : image_start + num_patches] = 1  # text-only: the slots are not attended
     return data
@@ -110,19 +116,14 @@ class TaskRunner:
             from tokenizers import Tokenizer
 
             backend = Tokenizer.from_str(spec.tokenizer_json)
-
-            def encode_batch(texts: list[str]) -> list[list[int]]:
-                return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-
+            self.encode_batch = backend_encoder(backend)
+            self.eos_text = backend.id_to_token(spec.eos_id)
         else:
             from llava_core.data.tokenizer import load_tokenizer
 
             tok = load_tokenizer(spec.tokenizer_path)
-
-            def encode_batch(texts: list[str]) -> list[list[int]]:
-                return [tok.encode(t, add_special_tokens=False) for t in texts]
-
-        self.encode_batch = encode_batch
+            self.encode_batch = batch_encoder(tok)
+            self.eos_text = tok.eos_token
 
     def _record(self, line: bytes, res: TaskResult) -> tuple[Segments, str | None] | None:
         """Parse and check one record, its image aside: (segments, image path or None); None (with the reason
@@ -141,7 +142,7 @@ class TaskRunner:
             return None
         image = rec.get("image")
         try:  # the cheap checks first: a record rejected here never has its image decoded
-            segments = conversation_segments(conv, s.style)
+            segments = conversation_segments(conv, s.style, eos_text=self.eos_text)
         except PromptError as e:
             res.discarded[e.reason] += 1
             return None
@@ -206,7 +207,7 @@ class TaskRunner:
         if len(res.image_starts) != 1:  # packing needs one start; the parent reports several as an error
             return res
         data = pack_examples(rows, s.msl, s.pad_id, next(iter(res.image_starts)), s.num_patches)
-        lengths = np.array([len(r[0]) for r in rows])
+        lengths = np.array([len(r[0]) - 1 for r in rows])  # the inputs of each row (its tokens but the last)
         res.examples = len(rows)
         res.text_only = sum(p == NO_IMAGE for p in paths)
         res.non_pad_tokens = int((data[:, 3] == 0).sum())

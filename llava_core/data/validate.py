@@ -172,10 +172,16 @@ def hdf5_frame(folder: Path, image_root: Path) -> tuple[pd.DataFrame, dict]:
         n, msl = ids.shape
         has_image = np.array([p is not None for p in block.paths])
         attended = kpm == 0
-        seq_len = np.where(attended.any(1), msl - attended[:, ::-1].argmax(1), 0)
+        seq_len = np.where(attended.any(1), msl - attended[:, ::-1].argmax(1), 0)  # the inputs: tokens[:-1]
         pos = np.arange(msl)[None, :]
-        # targets that are image slots or lie past the sequence are never supervised
-        outside = (pos >= seq_len[:, None] - 1) | ((pos >= s - 1) & (pos < e - 1))
+        inside = pos < seq_len[:, None]
+        last = np.maximum(seq_len - 1, 0)
+        # targets that are image slots or lie past the inputs are never supervised
+        outside = ~inside | ((pos >= s - 1) & (pos < e - 1))
+        # labels = tokens[1:]: each label is the next input, but the last (the final `</s>`); pad past the inputs
+        next_input = np.concatenate([ids[:, 1:], np.full((n, 1), pad)], axis=1)
+        shifted = np.where(inside & (pos != last[:, None]), labels == next_input, True)
+        padded = np.where(inside, True, (labels == pad) & (ids == pad))
         slots_kpm = kpm[:, s:e]
         resolvable = [(p is None) or _resolvable(images, p) for p in block.paths]
         parts.append(
@@ -188,9 +194,9 @@ def hdf5_frame(folder: Path, image_root: Path) -> tuple[pd.DataFrame, dict]:
                     "max_token_id": np.maximum(ids.max(1), labels.max(1)),
                     "loss_tokens": loss.sum(1),
                     "loss_outside_answers": (loss * outside).sum(1),
-                    "labels_are_shifted_inputs": (labels[:, :-1] == ids[:, 1:]).all(1) & (labels[:, -1] == pad),
+                    "labels_are_shifted_inputs": shifted.all(1) & padded.all(1),
                     "first_is_bos": ids[:, 0] == bos,
-                    "ends_with_eos": ids[np.arange(n), np.maximum(seq_len - 1, 0)] == eos,
+                    "ends_with_eos": labels[np.arange(n), last] == eos,
                     "image_slots_are_pad": (ids[:, s:e] == pad).all(1),
                     "slot_padding_mask_ok": np.where(has_image, (slots_kpm == 0).all(1), (slots_kpm == 1).all(1)),
                     "image_path_resolvable": resolvable,

@@ -12,6 +12,7 @@ category and, when `eval.judge` is set, the judge review; `reports/reviews.jsonl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from llava_core.artifacts import ANSWERS, EVAL_PLOT, EVAL_REPORT, EXPORT_INFO, R
 from llava_core.atomic import staged, write_json_atomic
 from llava_core.config import EvalConfig, PipelineConfig
 from llava_core.data.images import ImageRejected, check_image, clip_transform, load_rgb
-from llava_core.data.prompts import PROMPT_SUFFIXES, encode_conversation, text_is_valid_unicode
+from llava_core.data.prompts import IMAGE_PLACEHOLDER, PROMPT_SUFFIXES, encode_conversation, text_is_valid_unicode
 from llava_core.evaluation.metrics import METRICS
 
 
@@ -85,6 +86,25 @@ def with_suffix(text: str, suffix: str) -> str:
     return f"{text}\n{suffix}"
 
 
+def generation_ids(
+    text: str, tokenizer, prompt_style: str, num_patches: int, pad_id: int, image_token_id: int
+) -> list[int]:
+    """The prompt of one question as LLaVA's evaluation builds it (`{SYSTEM} USER: <image>\n{text} ASSISTANT:`,
+    split at the image, each piece tokenised by itself), through the encoder that built the training rows, with
+    the image slots set to the `<image>` token that `LlavaForConditionalGeneration` fills."""
+    enc = encode_conversation(
+        [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{text}"}],
+        tokenizer,
+        prompt_style,
+        num_patches,
+        pad_id,
+        for_generation=True,
+    )
+    ids = list(enc.input_ids)
+    ids[enc.image_start : enc.image_start + num_patches] = [image_token_id] * num_patches
+    return ids
+
+
 @torch.no_grad()
 def generate(
     hf_model,
@@ -105,17 +125,7 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         seqs, pixels = [], []
         for text, image in zip(prompts[start : start + batch_size], images[start : start + batch_size], strict=True):
-            enc = encode_conversation(
-                [{"from": "human", "value": f"<image>\n{text}"}],
-                tokenizer,
-                prompt_style,
-                num_patches,
-                pad,
-                for_generation=True,
-            )
-            ids = list(enc.input_ids)
-            ids[enc.image_start : enc.image_start + num_patches] = [image_token_id] * num_patches
-            seqs.append(ids)
+            seqs.append(generation_ids(text, tokenizer, prompt_style, num_patches, pad, image_token_id))
             pixels.append(clip_transform(image, size))
         width = max(len(s) for s in seqs)
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])  # (B, T), left padded
@@ -179,19 +189,29 @@ def score(questions: list[dict], preds: list[str], cfg: PipelineConfig) -> dict:
 
 
 def answer_records(questions: list[dict], preds: list[str], prompts: list[str], model_id: str) -> list[dict]:
+    """One record per question with the fields LLaVA's `model_vqa*` scripts write (question_id, prompt, text,
+    answer_id, model_id, metadata), which its `convert_*_for_submission` and `eval_*` scripts read, and ours."""
     return [
         {
             "question_id": q["question_id"],
-            "image": q["image"],
             "prompt": prompt,
             "text": p,
+            "answer_id": answer_id(model_id, q["question_id"], prompt, p),
+            "model_id": model_id,
+            "metadata": {},
+            "image": q["image"],
             "answers": q["answers"],
             "category": question_category(q),
-            "model_id": model_id,
             **({"context": q["context"]} if "context" in q else {}),
         }
         for q, p, prompt in zip(questions, preds, prompts, strict=True)
     ]
+
+
+def answer_id(model_id: str, question_id, prompt: str, text: str) -> str:
+    """A 22-character id, as LLaVA's (shortuuid) are long, but reproducible: the same answer gets the same id."""
+    key = json.dumps([model_id, question_id, prompt, text], ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:22]
 
 
 def write_answers(path: Path, records: list[dict]) -> None:

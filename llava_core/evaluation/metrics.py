@@ -1,22 +1,23 @@
-"""Answer normalisation and the evaluation metrics, without torch (docs/evaluation.md).
+"""The evaluation metrics as the benchmarks' official evaluators compute them, without torch (docs/evaluation.md).
 
 Every metric in `METRICS` takes (predictions, reference answer lists) and returns a dict whose `accuracy` is the
 headline score (the one averaged into `overall_accuracy`), plus the metric's own figures:
 
-| metric | for | rule |
+| metric | for | rule (whose) |
 |---|---|---|
-| exact_match | GQA, VizWiz | normalised prediction equals a normalised reference |
-| vqa_accuracy | VQAv2, TextVQA | min(1, matching references / 3) after normalisation |
-| anls | DocVQA, InfographicVQA | 1 - normalised Levenshtein distance, 0 when >= 0.5, best reference |
-| relaxed_accuracy | ChartQA | numbers within 5% of the reference, other answers equal (case-insensitive) |
+| exact_match | GQA | the answer, trailing periods cut and lower-cased, equals a reference (LLaVA's conversion + GQA's eval.py) |
+| vqa_accuracy | VQAv2, VizWiz, TextVQA | mean over the leave-one-out subsets of the human answers of min(1, matches / 3), answers processed as EvalAI does (VQA's evaluator, LLaVA's m4c_evaluator) |
+| anls | DocVQA, InfographicVQA | 1 - normalised Levenshtein distance, 0 when >= 0.5, best reference (Biten et al. 2019) |
+| relaxed_accuracy | ChartQA | numbers within 5% of the reference, other answers equal ignoring case (pix2struct) |
 | mc_accuracy | ScienceQA, MMBench, AI2D | the option letter read from the answer equals the reference letter |
-| pope | POPE | accuracy, precision, recall, F1 (positive = yes), yes-ratio |
+| pope | POPE | accuracy, precision, recall, F1 (positive = yes), yes-ratio (LLaVA's eval_pope) |
 """
 
 from __future__ import annotations
 
 import re
 
+# --- VQA answer processing (EvalAI's, as the VQA/TextVQA evaluators and LLaVA's submission converters apply it) ---
 _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {
     "none": "0",
@@ -32,40 +33,81 @@ _NUMBERS = {
     "nine": "9",
     "ten": "10",
 }
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "2." -> "2", "3.5" kept
+# Removed where written next to a space, else replaced by a space ("top-left" -> "top left", "yes !" -> "yes").
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit goes: "2." -> "2", "3.5" kept
+# The contractions the official table restores, written in their restored form: a form with one apostrophe is
+# restored from the word without it ("dont" -> "don't"), one with several from the word missing any one of them
+# ("couldnt've", "couldn'tve" -> "couldn't've").
+_RESTORED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+    "he'd've he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am mightn't mightn't've might've "
+    "mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've "
+    "somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've "
+    "something'll that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't "
+    "we'd've we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll "
+    "who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
+    "you'll you're you've"
+).split()
 
 
-def normalize_answer(text: str) -> str:
-    """VQA-style normalisation: lower case, punctuation out (keeping decimals), number words to digits,
-    articles dropped, whitespace folded."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _PERIOD.sub("", _PUNCT.sub(" ", text))
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
-    return " ".join(words)
+def _contractions() -> dict[str, str]:
+    table = {"somebody'd": "somebodyd"}  # the official table's one entry the other way round
+    for form in _RESTORED:
+        marks = [i for i, c in enumerate(form) if c == "'"]
+        if len(marks) == 1:
+            table[form.replace("'", "")] = form
+        else:
+            table.update((form[:i] + form[i + 1 :], form) for i in marks)
+    return table
 
 
-def exact_match(pred: str, answers: list[str]) -> float:
-    p = normalize_answer(pred)
-    return float(any(p == normalize_answer(a) for a in answers))
+_CONTRACTIONS = _contractions()
+
+
+def process_vqa_answer(text: str) -> str:
+    """EvalAI's answer processing: lower case, `,` and `?` out, `'s` split off, punctuation (removed next to a
+    space, else a space), periods not followed by a digit out, number words to digits, articles dropped,
+    contractions restored ("dont" -> "don't"), words joined by single spaces."""
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _VQA_PUNCT:
+        out = out.replace(p, "" if (p + " " in text or " " + p in text) else " ")
+    words = [_NUMBERS.get(w, w) for w in _PERIOD.sub("", out).split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def vqa_accuracy(pred: str, answers: list[str]) -> float:
-    """min(1, #human answers equal to the prediction / 3) after normalisation."""
-    p = normalize_answer(pred)
-    return min(1.0, sum(p == normalize_answer(a) for a in answers) / 3.0)
+    """The official VQA accuracy of one answer: each human answer left out in turn, min(1, matches among the
+    others / 3); the mean of those scores. With ten answers: 3 agreeing give 0.9, 4 or more 1.0."""
+    if not answers:
+        return 0.0
+    p = process_vqa_answer(pred)
+    refs = [process_vqa_answer(a) for a in answers]
+    scores = [min(1.0, sum(r == p for j, r in enumerate(refs) if j != i) / 3.0) for i in range(len(refs))]
+    return sum(scores) / len(scores)
+
+
+def exact_match(pred: str, answers: list[str]) -> float:
+    """GQA's accuracy: the answer as LLaVA's `convert_gqa_for_eval` writes it (trailing periods cut, lower case)
+    equals a reference (GQA's eval.py compares strings; its references are lower case)."""
+    p = pred.strip().rstrip(".").lower()
+    return float(any(p == a.strip().lower() for a in answers))
 
 
 def yes_no(text: str) -> str:
-    """POPE's parsing: an answer containing 'no'/'not' as a word is 'no', otherwise 'yes'."""
-    words = normalize_answer(text).split()
-    return "no" if ("no" in words or "not" in words) else "yes"
+    """POPE's reading of an answer (LLaVA's eval_pope): its first sentence, commas out, split at spaces; "no" when
+    a word is `No`, `no` or `not`, else "yes"."""
+    first = text.split(".")[0].replace(",", "")
+    return "no" if {"No", "no", "not"} & set(first.split(" ")) else "yes"
 
 
 def pope_metrics(preds: list[str], answers: list[str]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (positive = yes) and yes-ratio over yes/no questions."""
+    """Accuracy, precision, recall, F1 (positive = yes) and yes-ratio over yes/no questions (a reference other
+    than "no" is a yes, as eval_pope reads its labels)."""
     p = [yes_no(x) for x in preds]
-    g = [normalize_answer(a) for a in answers]
+    g = ["no" if a.strip().lower() == "no" else "yes" for a in answers]
     tp = sum(a == "yes" and b == "yes" for a, b in zip(p, g, strict=True))
     fp = sum(a == "yes" and b == "no" for a, b in zip(p, g, strict=True))
     fn = sum(a == "no" and b == "yes" for a, b in zip(p, g, strict=True))
@@ -90,17 +132,14 @@ def levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
-def _anls_normalize(text: str) -> str:
-    """DocVQA's normalisation for ANLS: lower case, surrounding whitespace out, inner runs folded."""
-    return " ".join(text.strip().lower().split())
-
-
 def anls(pred: str, answers: list[str], threshold: float = 0.5) -> float:
-    """Average Normalised Levenshtein Similarity of one answer: max over references of 1 - NL, 0 where NL >= 0.5."""
-    p = _anls_normalize(pred)
+    """Average Normalised Levenshtein Similarity of one answer (Biten et al. 2019, eq. 1): max over references of
+    1 - NL, 0 where NL >= 0.5; NL = edit distance / the longer length. Not case sensitive, space sensitive
+    (DocVQA's rules): lower case, surrounding whitespace out."""
+    p = pred.strip().lower()
     best = 0.0
     for a in answers:
-        g = _anls_normalize(a)
+        g = a.strip().lower()
         longest = max(len(p), len(g))
         nl = levenshtein(p, g) / longest if longest else 0.0
         best = max(best, 1.0 - nl if nl < threshold else 0.0)
@@ -108,26 +147,24 @@ def anls(pred: str, answers: list[str], threshold: float = 0.5) -> float:
 
 
 def _to_float(text: str) -> float | None:
-    """A number as ChartQA writes it: '12', '1,234.5', '45%' (-> 0.45), '$3' ; None when it is not one."""
-    t = text.strip().rstrip(".").replace(",", "").lstrip("$").strip()
+    """A number as pix2struct's relaxed correctness reads it ('12', '4.5', '45%' -> 0.45); None otherwise."""
     try:
-        return float(t[:-1].strip()) / 100.0 if t.endswith("%") else float(t)
+        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
 
 def relaxed_match(pred: str, answers: list[str], tolerance: float = 0.05) -> float:
-    """ChartQA relaxed accuracy: numbers within `tolerance` relative error (exact for a zero reference),
-    anything else equal after lower-casing and stripping whitespace and a trailing period; best reference."""
+    """ChartQA's relaxed accuracy (pix2struct's relaxed_correctness), best reference: with both numbers and a
+    non-zero reference, a relative error within `tolerance`; otherwise equal strings ignoring case."""
     p_num = _to_float(pred)
-    p_txt = pred.strip().rstrip(".").strip().lower()
     for a in answers:
         a_num = _to_float(a)
-        if p_num is not None and a_num is not None:
+        if p_num is not None and a_num:
             # (1e-9: 11.4 against 12 is 5% even where floating point makes it 5.0000000004%)
-            ok = p_num == a_num if a_num == 0 else abs(p_num - a_num) / abs(a_num) <= tolerance + 1e-9
+            ok = abs(p_num - a_num) / abs(a_num) <= tolerance + 1e-9
         else:
-            ok = p_txt == a.strip().rstrip(".").strip().lower()
+            ok = pred.lower() == a.lower()
         if ok:
             return 1.0
     return 0.0

@@ -202,23 +202,40 @@ def merge_lora(model: LlavaModel) -> LlavaModel:
     return model
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # `model.dtype` -> torch
+
+
+def parameter_dtype(model: nn.Module) -> str:
+    """The one dtype of the model's parameters by its `model.dtype` name (`train_summary.json` records it)."""
+    found = {p.dtype for p in model.parameters()}
+    names = sorted(str(d).removeprefix("torch.") for d in found)
+    if len(found) != 1:
+        raise ValueError(f"the model's parameters have several dtypes: {names}")
+    return names[0]
+
+
 def build_model(cfg: PipelineConfig, vocab_size: int, special_ids: dict[str, int]) -> LlavaModel:
-    """A fresh model from the preset: pretrained folders/hub ids, or configs with seeded random init."""
+    """A fresh model from the preset: pretrained folders/hub ids, or configs with seeded random init.
+
+    Every weight is held in `model.dtype` whatever the files store: transformers 5 would otherwise keep a
+    checkpoint's own dtype (fp16 for Vicuna-v1.5), and the optimizer would then update fp16 weights.
+    """
     m = cfg.model
+    dtype = DTYPES[m.dtype]
     torch.manual_seed(m.init_seed)
     if m.vision_pretrained:
-        image_model = CLIPVisionModel.from_pretrained(cfg.resolve_file(m.vision_pretrained))
+        image_model = CLIPVisionModel.from_pretrained(cfg.resolve_file(m.vision_pretrained), dtype=dtype)
     else:
         image_model = CLIPVisionModel(CLIPVisionConfig(**m.vision_config))
     if m.text_pretrained:
-        text_model = AutoModelForCausalLM.from_pretrained(cfg.resolve_file(m.text_pretrained))
+        text_model = AutoModelForCausalLM.from_pretrained(cfg.resolve_file(m.text_pretrained), dtype=dtype)
         if text_model.get_input_embeddings().num_embeddings < vocab_size:
             text_model.resize_token_embeddings(vocab_size)
     else:
         text_model = AutoModelForCausalLM.from_config(
             LlamaConfig(**m.text_config, vocab_size=vocab_size, **special_ids)
         )
-    return LlavaModel(image_model, text_model, m.vision_feature_layer)
+    return LlavaModel(image_model, text_model, m.vision_feature_layer).to(dtype)  # the projector too
 
 
 def model_config_dict(model: LlavaModel) -> dict:

@@ -24,7 +24,15 @@ from torch.utils.data import DataLoader
 from llava_core.artifacts import METRICS, TRAIN_SUMMARY
 from llava_core.config import PipelineConfig
 from llava_core.data.tokenizer import load_tokenizer
-from llava_core.model.llava import LlavaModel, apply_freeze, apply_lora, build_model, enable_gradient_checkpointing
+from llava_core.model.llava import (
+    DTYPES,
+    LlavaModel,
+    apply_freeze,
+    apply_lora,
+    build_model,
+    enable_gradient_checkpointing,
+    parameter_dtype,
+)
 from llava_core.model.llava import load_model as load_checkpoint
 from llava_core.params import config_from_dict
 from llava_core.phases import PHASE_NAMES, get_phase
@@ -110,7 +118,10 @@ class Recipe:
             prev_dir = self.cfg.checkpoint_dir(prev)
             if not (prev_dir / TRAIN_SUMMARY).is_file():
                 raise FileNotFoundError(f"{prev_dir} holds no finished {prev} checkpoint: train {prev} first")
-            model = load_checkpoint(prev_dir)  # model state only; optimizer state starts fresh
+            # model state only (optimizer state starts fresh), held in `model.dtype` as a new model is
+            model = load_checkpoint(prev_dir).to(DTYPES[self.cfg.model.dtype])
+        self.model_dtype = parameter_dtype(model)  # before LoRA (peft may keep its adapters in fp32)
+        self.log(f"weights held in {self.model_dtype} (model.dtype), mixed precision: {self.tc.mixed_precision}")
         params = self.dataset.params
         vocab = model.text_model.get_input_embeddings().num_embeddings
         if params["vocab_size"] > vocab:
@@ -274,6 +285,7 @@ class Recipe:
             "trainable_parameters": self.freeze.trainable,
             "total_parameters": self.freeze.trainable + self.freeze.frozen,
             "image_patch_start_idx": self.dataset.image_start,
+            "model_dtype": self.model_dtype,  # what the weights were held in (model.dtype)
             "lora": self.tc.lora.model_dump() if self.tc.lora else None,
             **self._device_info(),
         }

@@ -149,11 +149,17 @@ def test_files_open_with_plain_h5py(ws, phase):
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_labels_are_inputs_shifted_left(ws, phase):
+    """Cerebras' rows: inputs = tokens[:-1], labels = tokens[1:]; the final `</s>` is a label only."""
     cfg, _ = ws
     params, data, _ = read_phase(cfg.hdf5_dir(phase))
-    pad = params["pad_id"]
-    np.testing.assert_array_equal(data[:, 2, :-1], data[:, 0, 1:])
-    assert (data[:, 2, -1] == pad).all()
+    pad, eos = params["pad_id"], params["eos_id"]
+    for row in data:
+        n = int((row[3] == 0).nonzero()[0].max()) + 1  # the inputs
+        tokens = np.concatenate([row[0, :n], row[2, n - 1 : n]])
+        np.testing.assert_array_equal(row[0, :n], tokens[:-1])
+        np.testing.assert_array_equal(row[2, :n], tokens[1:])
+        assert tokens[-1] == eos and eos not in row[0, n - 1 : n]
+        assert (row[0, n:] == pad).all() and (row[2, n:] == pad).all()
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -197,9 +203,9 @@ def test_image_slots_and_key_padding(ws, tok, phase):
     else:
         system = (
             "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-            "helpful, detailed, and polite answers to the user's questions. USER:"
+            "helpful, detailed, and polite answers to the user's questions. USER: "
         )
-        assert start == 1 + len(tok.encode(system, add_special_tokens=False))
+        assert start == 1 + len(tok.encode(system, add_special_tokens=False)) == 26
     pad, eos = params["pad_id"], params["eos_id"]
     msl = data.shape[2]
     slots = slice(start, start + n_patches)
@@ -210,15 +216,15 @@ def test_image_slots_and_key_padding(ws, tok, phase):
         # loss is aligned with labels: the positions whose target is an image slot are never supervised
         assert (loss[start - 1 : start + n_patches - 1] == 0).all()
         assert (kpm[slots] == (1 if path == "None" else 0)).all()
-        # the sequence ends with the last EOS; key_padding_mask is 1 exactly after it
-        n = int(np.nonzero(ids == eos)[0].max()) + 1
+        # the inputs end before the last EOS (a label); key_padding_mask is 1 exactly after them
+        n = int(np.nonzero(row[2] == eos)[0].max()) + 1
         assert (ids[n:] == pad).all()
         assert (kpm[n:] == 1).all()
         outside = np.ones(msl, dtype=bool)
         outside[slots] = False
         outside[n:] = False
         assert (kpm[outside] == 0).all()
-        assert (loss[n - 1 :] == 0).all()  # nothing is supervised past the sequence
+        assert loss[n - 1] == 1 and (loss[n:] == 0).all()  # the final `</s>` is supervised, nothing past it
     # text-only examples really are the "None" ones
     assert sum(p == "None" for p in paths) == params["text_only_examples"]
 
@@ -311,18 +317,18 @@ def test_collate_trims_padding_but_keeps_loss(ws):
 
 
 def test_example_rows_by_hand():
-    # ids: BOS, 2 slots, "a" "b", EOS; loss on "a" "b" EOS
+    # tokens: BOS, 2 slots, "a" "b", EOS; loss on "a" "b" EOS. Rows: inputs tokens[:-1], labels tokens[1:]
     ids, loss = [1, 0, 0, 7, 8, 2], [0, 0, 0, 1, 1, 1]
     block = example_rows(ids, loss, msl=8, pad_id=0, image_start=1, num_patches=2, has_image=True)
     assert block.dtype == np.int32 and block.shape == (4, 8)
-    assert block[0].tolist() == [1, 0, 0, 7, 8, 2, 0, 0]
+    assert block[0].tolist() == [1, 0, 0, 7, 8, 0, 0, 0]
     assert block[2].tolist() == [0, 0, 7, 8, 2, 0, 0, 0]
     assert block[1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]  # aligned with labels: labels 7, 8, 2
-    assert block[3].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert block[3].tolist() == [0, 0, 0, 0, 0, 1, 1, 1]  # the final EOS is no input
     text = example_rows(ids, loss, msl=8, pad_id=0, image_start=1, num_patches=2, has_image=False)
-    assert text[3].tolist() == [0, 1, 1, 0, 0, 0, 1, 1]
+    assert text[3].tolist() == [0, 1, 1, 0, 0, 1, 1, 1]
     full = example_rows(ids, loss, msl=6, pad_id=0, image_start=1, num_patches=2, has_image=True)
-    assert full[3].tolist() == [0] * 6
+    assert full[3].tolist() == [0] * 5 + [1]
     assert full[1].tolist() == [0, 0, 1, 1, 1, 0]
     assert full[2].tolist() == [0, 0, 7, 8, 2, 0]
 

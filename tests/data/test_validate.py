@@ -76,7 +76,14 @@ def _start(p):
     return p["image_patch_info"]["image_patch_start_idx"]
 
 
+def _eos_as_input(row, p):
+    """The layout before Cerebras' construction: the final `</s>` also an attended input, with a pad label."""
+    n = int((row[3] == 0).nonzero()[0].max()) + 1
+    row[0][n], row[2][n], row[3][n] = p["eos_id"], p["pad_id"], 0
+
+
 CORRUPTIONS = {
+    "ends_with_eos": _eos_as_input,
     "max_token_id": lambda row, p: row[0].__setitem__(_start(p) - 1, p["vocab_size"] + 5),
     "labels_are_shifted_inputs": lambda row, p: row[2].__setitem__(0, row[2][0] + 1),
     "image_slots_are_pad": lambda row, p: row[0].__setitem__(_start(p) + 1, 7),

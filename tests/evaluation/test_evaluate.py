@@ -14,6 +14,7 @@ from llava_core.config import EvalConfig
 from llava_core.data.prompts import PROMPT_SUFFIXES
 from llava_core.data.tokenizer import load_tokenizer
 from llava_core.evaluation.evaluate import (
+    answer_id,
     evaluate,
     generate,
     judge_answers,
@@ -120,6 +121,45 @@ def test_evaluate_writes_answers_and_report(exported):
     overall = sum(by[c]["accuracy"] * by[c]["n"] for c in by) / len(EVAL_QUESTIONS)
     assert report["overall_accuracy"] == pytest.approx(overall)
     assert "judge" not in report
+
+
+def read_as_llava_scripts_do(answers_path, questions: list[dict]) -> dict:
+    """What LLaVA's scripts take from an answers file (restated from llava/eval/*.py and scripts/convert_*.py):
+    every line is a JSON object; convert_vqav2/vizwiz_for_submission map question_id -> text and look every
+    question of the split up in it; convert_gqa_for_eval writes {questionId, prediction: text.rstrip('.').lower()};
+    eval_textvqa takes the question from the first of a prompt's two lines; eval_pope groups texts by the
+    question file's category; eval_science_qa reads text and prompt; model_vqa's own fields are question_id,
+    prompt, text, answer_id, model_id, metadata."""
+    results = [json.loads(line) for line in answers_path.read_text().splitlines()]
+    for r in results:
+        assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(r)
+        assert isinstance(r["text"], str) and isinstance(r["prompt"], str) and isinstance(r["metadata"], dict)
+    texts = {r["question_id"]: r["text"] for r in results}
+    assert all(q["question_id"] in texts for q in questions)  # vizwiz asserts, vqav2 writes '' for a gap
+    by_id = {q["question_id"]: q for q in questions}
+    return {
+        "vqav2": texts,
+        "gqa": [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()} for r in results],
+        "textvqa": {
+            r["question_id"]: r["prompt"].split("\n")[0].lower() for r in results if r["prompt"].count("\n") == 1
+        },
+        "pope": [(by_id[r["question_id"]].get("category"), r["text"]) for r in results],
+        "answer_ids": [r["answer_id"] for r in results],
+    }
+
+
+def test_answers_file_reads_as_llavas_scripts_read_it(exported):
+    cfg = exported()
+    result = evaluate(cfg)
+    answers = [json.loads(line) for line in result.answers_path.read_text().splitlines()]
+    read = read_as_llava_scripts_do(result.answers_path, EVAL_QUESTIONS)
+    assert read["vqav2"] == {a["question_id"]: a["text"] for a in answers}
+    assert [g["questionId"] for g in read["gqa"]] == [q["question_id"] for q in EVAL_QUESTIONS]
+    # the questions with a suffix on their own line give back their question text
+    assert read["textvqa"] == {q["question_id"]: q["text"].lower() for q in EVAL_QUESTIONS if q["question_id"] != 4}
+    assert [c for c, _ in read["pope"]] == ["color", "color", "exists", None, "detail"]  # (question 3 has a task)
+    assert len(set(read["answer_ids"])) == len(answers)  # one id per answer, the same on every run:
+    assert read["answer_ids"][0] == answer_id(answers[0]["model_id"], 0, answers[0]["prompt"], answers[0]["text"])
 
 
 def test_failing_judge_keeps_answers_then_judge_reviews_them(exported, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Answer normalisation and the evaluation metrics, against hand-computed values (docs/evaluation.md)."""
+"""The metrics against worked examples of the benchmarks' official definitions (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from llava_core.evaluation.metrics import (
     exact_match,
     levenshtein,
     mc_accuracy,
-    normalize_answer,
     pope_metrics,
+    process_vqa_answer,
     relaxed_match,
     vqa_accuracy,
     yes_no,
@@ -24,56 +24,75 @@ from llava_core.evaluation.metrics import (
     [
         ("Red", "red"),  # case
         ("  BLUE\t", "blue"),  # case + whitespace
-        ("top-left", "top left"),  # punctuation -> space
-        ("yes!", "yes"),
-        ("Circle?", "circle"),
+        ("top-left", "top left"),  # punctuation inside a word -> a space
+        ("yes !", "yes"),  # punctuation next to a space -> removed
+        ("yes!", "yes"),  # ! closing the answer: no space after it, so a space, then folded
+        ("Circle?", "circle"),  # ? always goes
         ("(square)", "square"),
-        ("The Red Circle.", "red circle"),  # articles + period
-        ("a cat, an apple", "cat apple"),
+        ("The Red Circle.", "red circle"),  # articles + a final period
+        ("a cat, an apple", "cat apple"),  # , always goes
         ("the", ""),
         ("Two", "2"),  # number words -> digits
         ("ten", "10"),
-        ("zero", "0"),
         ("none", "0"),
         ("three  red\nshapes", "3 red shapes"),  # newlines and runs of spaces fold
-        ("3.5", "3.5"),  # decimals kept
-        ("0.25", "0.25"),
-        ("pi is 3.14", "pi is 3.14"),
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("2.", "2"),
         ("end. start", "end start"),
+        ("dont", "don't"),  # contractions restored
+        ("Dont know", "don't know"),
+        ("youre", "you're"),
+        ("couldnt've", "couldn't've"),  # one of two apostrophes missing
+        ("couldn'tve", "couldn't've"),
+        ("twas", "'twas"),
+        ("don't", "don't"),  # the apostrophe is no punctuation here
+        ("man's hat", "man 's hat"),  # 's is split off
+        ("1,000", "1000"),
+        ("ice-cream; cone", "ice cream cone"),  # `;` next to a space goes, `-` inside a word is a space
     ],
 )
-def test_normalize_answer(text, expected):
-    assert normalize_answer(text) == expected
-
-
-def test_trailing_period_after_number_is_removed():
-    assert normalize_answer("2.") == "2"
-    assert exact_match("2.", ["2"]) == 1.0
-
-
-def test_exact_match():
-    assert exact_match("Red.", ["red"]) == 1.0
-    assert exact_match("two", ["2"]) == 1.0
-    assert exact_match("The circle", ["circle", "square"]) == 1.0
-    assert exact_match("square", ["circle"]) == 0.0
-    assert exact_match("red circle", ["red"]) == 0.0  # whole answer, not a substring
-    assert exact_match("anything", []) == 0.0
-    assert isinstance(exact_match("a", ["a"]), float)
+def test_vqa_answer_processing(text, expected):
+    assert process_vqa_answer(text) == expected
 
 
 @pytest.mark.parametrize(
-    "pred, answers, expected",
+    "matching, expected",
     [
-        ("cat", ["dog", "dog", "bird"], 0.0),
-        ("cat", ["Cat", "dog", "dog"], 1 / 3),  # one match (case-insensitive)
-        ("2", ["two", "2.", "3"], 2 / 3),  # "two" -> "2" and "2." -> "2"
-        ("cat", ["cat", "the cat", "dog", "dog"], 2 / 3),  # "the cat" -> "cat"
-        ("cat", ["cat", "cat", "cat"], 1.0),  # exactly 3 matches
-        ("cat", ["cat"] * 7 + ["dog"] * 3, 1.0),  # more than 3 matches is capped at 1
+        (0, 0.0),
+        (1, 0.3),  # nine subsets with 1 match (1/3), one with 0: 9 x 1/3 / 10
+        (2, 0.6),  # eight subsets with 2 matches (2/3), two with 1 (1/3): (16/3 + 2/3) / 10
+        (3, 0.9),  # seven subsets with 3 matches (1), three with 2 (2/3): (7 + 2) / 10 -- not 1.0
+        (4, 1.0),  # every subset keeps at least 3 matches
+        (7, 1.0),
+        (10, 1.0),
     ],
 )
-def test_vqa_accuracy(pred, answers, expected):
-    assert vqa_accuracy(pred, answers) == pytest.approx(expected)
+def test_vqa_accuracy_is_the_leave_one_out_mean_over_ten_answers(matching, expected):
+    answers = ["cat"] * matching + ["dog"] * (10 - matching)
+    assert vqa_accuracy("cat", answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_processes_prediction_and_answers_alike():
+    assert vqa_accuracy("Dont know.", ["don't know"] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("two", ["2", "2.", "two", "Two"] + ["3"] * 6) == 1.0
+    assert vqa_accuracy("the cat", ["a cat", "cat", "Cat!", "dog"] + ["x"] * 6) == pytest.approx(0.9)  # 3 match
+    assert vqa_accuracy("top left", ["top-left"] * 2 + ["left"] * 8) == pytest.approx(0.6)
+    # fewer than ten answers: the same leave-one-out mean over them (one answer alone can never be matched)
+    assert vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
+    assert vqa_accuracy("cat", ["cat"]) == 0.0
+    assert vqa_accuracy("cat", []) == 0.0
+
+
+def test_exact_match_is_gqas():
+    """LLaVA's convert_gqa_for_eval (trailing periods cut, lower case), then GQA's string comparison."""
+    assert exact_match("Red.", ["red"]) == 1.0
+    assert exact_match("Yes", ["yes"]) == 1.0
+    assert exact_match("traffic light", ["traffic light", "car"]) == 1.0
+    assert exact_match("two", ["2"]) == 0.0  # no number words
+    assert exact_match("the circle", ["circle"]) == 0.0  # no articles dropped
+    assert exact_match("red circle", ["red"]) == 0.0  # whole answer, not a substring
+    assert exact_match("anything", []) == 0.0
+    assert isinstance(exact_match("a", ["a"]), float)
 
 
 @pytest.mark.parametrize(
@@ -83,10 +102,12 @@ def test_vqa_accuracy(pred, answers, expected):
         ("yes.", "yes"),
         ("No", "no"),
         ("No.", "no"),
-        ("NO, it is a square", "no"),
+        ("No, it is a square", "no"),  # commas out before splitting
         ("There is not a circle", "no"),
         ("There is a circle.", "yes"),
-        ("nothing", "yes"),  # "no" must be a whole word
+        ("Yes. There is no other shape", "yes"),  # only the first sentence counts
+        ("NO", "yes"),  # the official reading: only `No`, `no` and `not` are negative words
+        ("nothing", "yes"),  # whole words
         ("Notably yes", "yes"),
         ("", "yes"),
     ],
@@ -143,8 +164,10 @@ def test_metric_registry():
         {"accuracy": 2 / 3}
     )
     assert METRICS["mc_accuracy"](["A", "no idea"], [["A"], ["B"]]) == pytest.approx({"accuracy": 0.5, "unparsed": 0.5})
-    assert METRICS["exact_match"](["red", "Two", "x"], [["red"], ["2"], ["y"]]) == {"accuracy": pytest.approx(2 / 3)}
-    assert METRICS["vqa_accuracy"](["cat"], [["cat", "dog", "dog"]]) == {"accuracy": pytest.approx(1 / 3)}
+    assert METRICS["exact_match"](["red", "2.", "x"], [["red"], ["2"], ["y"]]) == {"accuracy": pytest.approx(2 / 3)}
+    assert METRICS["vqa_accuracy"](["cat", "dog"], [["cat"] * 3 + ["x"] * 7, ["dog"] * 10]) == {
+        "accuracy": pytest.approx((0.9 + 1.0) / 2)
+    }
     assert METRICS["exact_match"]([], []) == {"accuracy": 0.0}
     pope = METRICS["pope"](["yes", "no"], [["yes"], ["yes"]])
     # TP=1 FN=1: accuracy 0.5, precision 1, recall 0.5, f1 2/3, yes_ratio 0.5
@@ -162,7 +185,8 @@ def test_levenshtein(a, b, expected):
     "pred, answers, expected",
     [
         ("hello", ["hello"], 1.0),
-        ("Hello  World ", ["hello world"], 1.0),  # lower case, whitespace folded
+        ("Hello World ", ["hello world"], 1.0),  # not case sensitive; surrounding whitespace out
+        ("hello  world", ["hello world"], pytest.approx(1 - 1 / 12)),  # space sensitive: one extra space
         ("helo", ["hello"], 0.8),  # distance 1 / length 5 -> NL 0.2
         ("abc", ["abd"], 2 / 3),  # 1 / 3
         ("abcdef", ["abcdxx"], 2 / 3),  # 2 / 6
@@ -190,14 +214,16 @@ def test_anls(pred, answers, expected):
         ("105.1", ["100"], 0.0),
         ("94.9", ["100"], 0.0),
         ("-5", ["-5.1"], 1.0),  # 0.1 / 5.1 = 2%
-        ("12.", ["12"], 1.0),  # trailing period
-        ("1,234", ["1234"], 1.0),  # thousands separator
-        ("$3", ["3"], 1.0),
+        ("12.", ["12"], 1.0),  # float("12.") is 12
+        ("1,234", ["1234"], 0.0),  # no number to pix2struct, and not the same text
+        ("$3", ["3"], 0.0),
         ("45%", ["0.45"], 1.0),  # a percentage is its fraction
         ("45", ["45%"], 0.0),  # 45 against 0.45
         ("0", ["0"], 1.0),
-        ("0.01", ["0"], 0.0),  # a zero reference needs the exact number
-        ("Yes.", ["yes"], 1.0),  # text: case and trailing period ignored
+        ("0.0", ["0"], 0.0),  # a zero reference is compared as text
+        ("0.01", ["0"], 0.0),
+        ("Yes", ["yes"], 1.0),  # text: case ignored
+        ("Yes.", ["yes"], 0.0),  # ... nothing else
         ("blue line", ["Blue"], 0.0),
         ("12 apples", ["12"], 0.0),  # not a number, and not the same text
         ("7", ["six", "7.2"], 1.0),  # best reference: 0.2 / 7.2 = 2.8%

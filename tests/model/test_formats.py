@@ -128,7 +128,7 @@ def training_logits(model, tok, image_token_id=None, seed=0):
 
 VOCAB = len(AutoTokenizer.from_pretrained(TINY_TOKENIZER))  # the tiny tokenizer's vocabulary (with <image>)
 PADDED = -(-(VOCAB + 1) // 64) * 64  # llava-hf pads the embeddings to a multiple of 64
-IMAGE_START = 1 + len(SYSTEM_PROMPTS["vicuna_v1"].split()) + 1  # BOS, the system prompt's words, "USER:"
+IMAGE_START = 1 + len(SYSTEM_PROMPTS["vicuna_v1"].split()) + 2  # BOS, the system prompt's words, "USER:", "▁"
 
 
 @pytest.fixture

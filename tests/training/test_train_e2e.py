@@ -160,6 +160,7 @@ def test_two_cpu_processes_train_lora_phase2_and_checkpoint(tmp_path, data_root,
         before["image_model.embeddings.patch_embedding.weight"],
     )
     assert json.loads((r.path / TRAIN_SUMMARY).read_text())["steps"] == s["steps"]
+    assert s["model_dtype"] == p1.summary["model_dtype"] == "float32"  # model.dtype's default
     assert [rec["step"] for rec in read_metrics(r.path / "metrics.jsonl")] == list(range(1, s["steps"] + 1))
     assert list((r.path / "tensorboard").glob("events.out.tfevents.*"))
     hf = pipeline.run_export(cfg)  # the merged checkpoint exports like any other
