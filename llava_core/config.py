@@ -167,6 +167,10 @@ class DatasetConfig(Schema):
                 f"options: unknown key(s) {sorted(set(self.options) - valid)} for converter {self.converter!r}; "
                 f"valid: {sorted(valid)}"
             )
+        if "suffix" in valid and self.options.get("suffix", "none") not in PROMPT_SUFFIXES:
+            raise ValueError(
+                f"options: suffix {self.options['suffix']!r} is not an evaluation suffix; valid: {', '.join(PROMPT_SUFFIXES)}"
+            )
         return self
 
 
