@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from llava_core.config import (
     ConfigError,
     DatasetConfig,
+    EvalCategoryConfig,
     EvalConfig,
     Hdf5PhaseConfig,
     JudgeConfig,
@@ -121,7 +122,10 @@ def config_from_dict(raw: dict, base_dir: Path, source: str | None = None) -> Pi
     if raw.get("datasets") is None:
         raw["datasets"] = {}
     sources = list(raw["sources"]) if isinstance(raw["sources"], dict) else []
+    datasets = raw["datasets"] if isinstance(raw["datasets"], dict) else {}
+    phases = {n: d.get("phase") for n, d in datasets.items() if isinstance(d, dict)}  # eval.categories.<c>.dataset
     context = {"sources": sources, "base_dir": Path(base_dir), "num_patches": _num_patches(raw.get("model"))}
+    context["dataset_phases"] = phases
     try:
         cfg = PipelineConfig.model_validate({**raw, "base_dir": Path(base_dir)}, context=context)
     except ValidationError as e:
@@ -198,6 +202,7 @@ def params_reference() -> str:
         ("train.<phase>", TrainPhaseConfig),
         ("train.<phase>.lora", LoraConfig),
         ("eval", EvalConfig),
+        ("eval.categories.<category>", EvalCategoryConfig),
         ("eval.judge", JudgeConfig),
         ("publish", PublishConfig),
     ]
@@ -229,5 +234,3 @@ def params_reference() -> str:
                 default = "(section defaults)" if isinstance(value, BaseModel) else f"`{value!r}`"
             lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return "\n".join(lines) + "\n"
-
-
