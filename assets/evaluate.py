@@ -1,4 +1,6 @@
-"""Stage 5b asset: `eval_report` (reports/eval.json), with a metrics table per task as metadata."""
+"""Stage 5b asset: `eval_report` (reports/eval.json), with a metrics table per task as metadata, and its
+`prompt_suffixes` check (severity WARN): it fails when a category was asked with a suffix under 1% of the
+training questions carried (the report's `warnings`)."""
 
 from pathlib import Path
 
@@ -23,16 +25,44 @@ def build_evaluate_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         kinds={"json"},
         required_resource_keys={"settings"},
         description="Greedy answers on the held-out questions, scored per category: reports/eval.json.",
+        check_specs=[
+            dg.AssetCheckSpec(
+                SUFFIX_CHECK,
+                asset=name,
+                description="Every category is asked with a suffix that at least 1% of the training questions carried.",
+            )
+        ],
     )
     def eval_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from llava_core.evaluation.evaluate import evaluate  # torch: imported by this step only (assets/__init__)
 
         settings = context.resources.settings
         r = run_guarded(STAGE, settings.load(), None, evaluate)
-        result = dg.MaterializeResult(metadata=report_metadata(r.report, str(r.report_path)))
+        result = dg.MaterializeResult(
+            metadata=report_metadata(r.report, str(r.report_path)), check_results=[suffix_check(r.report)]
+        )
         return settings.record_version(name, result)
 
     return [eval_report]
+
+
+SUFFIX_CHECK = "prompt_suffixes"
+
+
+def suffix_check(report: dict) -> dg.AssetCheckResult:
+    """Passes when the report has no warnings; each category's suffix and training share as metadata."""
+    warnings = report.get("warnings", [])
+    by = report.get("prompt_suffix", {}).get("by_category", {})
+    rows = "".join(f"| {c} | {e['suffix']} | {e['training_share']} |\n" for c, e in by.items())
+    return dg.AssetCheckResult(
+        check_name=SUFFIX_CHECK,
+        passed=not warnings,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in warnings) or "none"),
+            "suffixes": dg.MetadataValue.md("| category | suffix | training share |\n|---|---|---|\n" + rows),
+        },
+    )
 
 
 METRIC_TABLE = dg.TableSchema(columns=[dg.TableColumn("metric", "string"), dg.TableColumn("value", "float")])

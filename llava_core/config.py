@@ -22,7 +22,7 @@ from llava_core.data.fetch import HEX64, check_hf_revision
 from llava_core.data.prompts import PROMPT_STYLES, PROMPT_SUFFIXES
 from llava_core.data.synthetic import GENERATORS
 from llava_core.evaluation.metrics import METRICS
-from llava_core.phases import PHASE_NAMES
+from llava_core.phases import FINAL_PHASE, PHASE_NAMES
 from llava_core.presets import PRESETS, RESOURCES  # noqa: F401  (RESOURCES re-exported)
 
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -166,6 +166,10 @@ class DatasetConfig(Schema):
             raise ValueError(
                 f"options: unknown key(s) {sorted(set(self.options) - valid)} for converter {self.converter!r}; "
                 f"valid: {sorted(valid)}"
+            )
+        if "suffix" in valid and self.options.get("suffix", "none") not in PROMPT_SUFFIXES:
+            raise ValueError(
+                f"options: suffix {self.options['suffix']!r} is not an evaluation suffix; valid: {', '.join(PROMPT_SUFFIXES)}"
             )
         return self
 
@@ -348,6 +352,26 @@ class JudgeConfig(Schema):
     retry_wait_s: Annotated[float, Field(ge=0)] = Field(2.0, description="seconds before the first retry (grows)")
 
 
+AUTO_SUFFIX = "auto"  # eval.prompt_suffix: the form the training questions had (llava_core/evaluation/suffixes.py)
+
+
+class EvalCategoryConfig(Schema):
+    """One question category's settings."""
+
+    dataset: str | None = Field(None, description="the phase-2 dataset its questions come from; null: all of them")
+
+    @field_validator("dataset")
+    @classmethod
+    def _final_phase_dataset(cls, v: str | None, info: ValidationInfo) -> str | None:
+        phases = (info.context or {}).get("dataset_phases")
+        if v is None or phases is None:
+            return v
+        valid = [d for d, p in phases.items() if p == FINAL_PHASE]
+        if v not in valid:
+            raise ValueError(f"{v!r} is not a {FINAL_PHASE} dataset; valid: {', '.join(valid) or '(none configured)'}")
+        return v
+
+
 class EvalConfig(Schema):
     """Stage 5b: the held-out questions, how they are asked and scored."""
 
@@ -356,11 +380,20 @@ class EvalConfig(Schema):
     batch_size: Positive = Field(32, description="questions per generation batch")
     max_new_tokens: Positive = Field(16, description="greedy decoding length")
     prompt_style: Literal[PROMPT_STYLES] = Field("vicuna_v1", description="the conversation layout")
-    prompt_suffix: str = Field(PROMPT_SUFFIXES["short_answer"], description="appended to questions of other categories")
+    prompt_suffix: Literal[(AUTO_SUFFIX, *PROMPT_SUFFIXES)] = Field(
+        AUTO_SUFFIX, description="suffix of categories not in `suffixes`: auto (as the phase-2 data asked) or a name"
+    )
     metrics: dict[str, MetricName] = Field(default_factory=dict, description="category -> metric name")
     default_metric: MetricName = Field("exact_match", description="the metric of categories not in `metrics`")
     suffixes: dict[str, SuffixName] = Field(default_factory=dict, description="category -> a PROMPT_SUFFIXES name")
+    categories: dict[str, EvalCategoryConfig] = Field(default_factory=dict, description="category -> its settings")
     judge: JudgeConfig | None = Field(None, description="optional judge review of the answers")
+
+    @field_validator("prompt_suffix", mode="before")
+    @classmethod
+    def _suffix_text(cls, v: Any) -> Any:
+        """Params files before `auto` gave the suffix's text: read as its name."""
+        return {text: name for name, text in PROMPT_SUFFIXES.items()}.get(v, v) if isinstance(v, str) else v
 
 
 class PublishConfig(Schema):

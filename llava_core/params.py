@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from llava_core.config import (
     ConfigError,
     DatasetConfig,
+    EvalCategoryConfig,
     EvalConfig,
     ExportConfig,
     Hdf5PhaseConfig,
@@ -123,7 +124,10 @@ def config_from_dict(raw: dict, base_dir: Path, source: str | None = None) -> Pi
     if raw.get("datasets") is None:
         raw["datasets"] = {}
     sources = list(raw["sources"]) if isinstance(raw["sources"], dict) else []
+    datasets = raw["datasets"] if isinstance(raw["datasets"], dict) else {}
+    phases = {n: d.get("phase") for n, d in datasets.items() if isinstance(d, dict)}  # eval.categories.<c>.dataset
     context = {"sources": sources, "base_dir": Path(base_dir), "num_patches": _num_patches(raw.get("model"))}
+    context["dataset_phases"] = phases
     try:
         cfg = PipelineConfig.model_validate({**raw, "base_dir": Path(base_dir)}, context=context)
     except ValidationError as e:
@@ -201,6 +205,7 @@ def params_reference() -> str:
         ("train.<phase>.lora", LoraConfig),
         ("train.<phase>.slurm", SlurmConfig),
         ("eval", EvalConfig),
+        ("eval.categories.<category>", EvalCategoryConfig),
         ("eval.judge", JudgeConfig),
         ("export", ExportConfig),
         ("publish", PublishConfig),

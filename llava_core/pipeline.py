@@ -196,7 +196,7 @@ STAGES: tuple[Stage, ...] = (
         "evaluate", None, "evaluate", "stage 5b: answer the held-out questions -> reports/eval.json", run_evaluate,
         "eval_report", "evaluate",
         outs=lambda c, k: [c.report_file(), c.report_file(ANSWERS)],
-        deps=lambda c, k: [c.model_dir("hf"), *_eval_source_dir(c)],
+        deps=lambda c, k: [c.model_dir("hf"), *_eval_source_dir(c), c.hdf5_dir(FINAL_PHASE)],  # suffix statistics
         params=("eval",),
     ),
 )  # fmt: skip

@@ -121,7 +121,7 @@ def test_params_without_the_new_keys_still_load(tmp_path):
     cfg = load_config(eval_workspace(tmp_path))  # no judge, no publish
     assert cfg.eval.judge is None and cfg.publish is None
     project = load_config(PROJECT / "params.yaml")
-    assert project.eval.prompt_suffix == "Answer the question using a single word or phrase."
+    assert project.eval.prompt_suffix == "auto"  # the form the phase-2 training questions had
     assert project.eval.metrics["exists"] == "pope"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from llava_core.atomic import json_text, staged
 from llava_core.config import PipelineConfig
-from llava_core.data.converters import CONVERTERS, ConvertInput, Drop  # noqa: F401  (Drop re-exported)
+from llava_core.data.converters import CONVERTERS, ConvertInput, Drop, add_suffix  # noqa: F401  (Drop re-exported)
 from llava_core.data.images import ImageRejected, check_image, resolve_image
 from llava_core.data.prompts import placeholder_problem, text_is_valid_unicode
 from llava_core.phases import choose
@@ -141,6 +141,7 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
                 if rec["id"] in seen_ids:
                     raise Drop("duplicate_id")
                 seen_ids.add(rec["id"])
+                rec["conversations"] = add_suffix(rec["conversations"], options.get("suffix", "none"))
             except Drop as d:
                 dropped[d.reason] += 1
                 continue

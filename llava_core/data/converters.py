@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llava_core.data.prompts import IMAGE_PLACEHOLDER
+from llava_core.data.prompts import IMAGE_PLACEHOLDER, PROMPT_SUFFIXES, suffix_name, with_suffix
 
 
 class Drop(Exception):
@@ -97,6 +97,20 @@ def qa_record(rec_id: str, image: str | None, question: str, answer: str) -> dic
     if image is not None:
         rec["image"] = image
     return rec
+
+
+def add_suffix(conversations: list[dict], name: str) -> list[dict]:
+    """The option `suffix: <name>`: each human turn that ends with no evaluation suffix gets `PROMPT_SUFFIXES[name]`
+    on its own line after the question, as LLaVA-1.5's mix665k writes its VQA (short_answer) and multiple-choice
+    turns; `none` changes nothing."""
+    if not PROMPT_SUFFIXES[name]:
+        return conversations
+    return [
+        {**t, "value": with_suffix(t["value"], PROMPT_SUFFIXES[name])}
+        if t["from"] == "human" and suffix_name(t["value"]) == "none"
+        else t
+        for t in conversations
+    ]
 
 
 IMAGE_MAGIC = ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"GIF8", ".gif"), (b"BM", ".bmp"), (b"RIFF", ".webp"))
@@ -346,15 +360,19 @@ def synthdog(inp: ConvertInput) -> Iterator[Item]:
             yield qa_record(f"synthdog-{path.stem}-{row_idx}", rel, prompt, text)
 
 
+# The converters that write questions take `suffix` (a PROMPT_SUFFIXES name; `none`, the default, adds nothing).
+ASKS = {"suffix": "none"}
 CONVERTERS: dict[str, Converter] = {
-    "llava_json": Converter(llava_json, doc="LLaVA-Pretrain, ShareGPT4V-PT, mix665k, ShareGPT4V-SFT (json array)"),
-    "ai2d": Converter(ai2d, options={"image_folder": "images"}, doc="AI2D questions/*.json"),
-    "arxivqa": Converter(arxivqa, folder_glob="*.jsonl", options={"image_folder": ""}, doc="ArxivQA jsonl"),
+    "llava_json": Converter(
+        llava_json, options=ASKS, doc="LLaVA-Pretrain, ShareGPT4V-PT, mix665k, ShareGPT4V-SFT (json array)"
+    ),
+    "ai2d": Converter(ai2d, options={"image_folder": "images", **ASKS}, doc="AI2D questions/*.json"),
+    "arxivqa": Converter(arxivqa, folder_glob="*.jsonl", options={"image_folder": "", **ASKS}, doc="ArxivQA jsonl"),
     "arxivcap": Converter(arxivcap, folder_glob="*.parquet", writes_images=True, doc="ArxivCAP parquet"),
-    "chartqa": Converter(chartqa, folder_glob="*/*_*.json", options={"image_folder": "png"}, doc="ChartQA"),
-    "docvqa": Converter(docvqa, options={"image_folder": None}, doc="DocVQA single page"),
-    "infographicvqa": Converter(infographicvqa, options={"image_folder": None}, doc="InfographicVQA"),
-    "dvqa": Converter(dvqa, options={"image_folder": "images"}, doc="DVQA qa/*.json"),
+    "chartqa": Converter(chartqa, folder_glob="*/*_*.json", options={"image_folder": "png", **ASKS}, doc="ChartQA"),
+    "docvqa": Converter(docvqa, options={"image_folder": None, **ASKS}, doc="DocVQA single page"),
+    "infographicvqa": Converter(infographicvqa, options={"image_folder": None, **ASKS}, doc="InfographicVQA"),
+    "dvqa": Converter(dvqa, options={"image_folder": "images", **ASKS}, doc="DVQA qa/*.json"),
     "synthdog": Converter(
         synthdog, folder_glob="*.parquet", options={"seed": None}, writes_images=True, doc="synthdog-en parquet"
     ),

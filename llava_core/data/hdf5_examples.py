@@ -28,6 +28,7 @@ from llava_core.data.prompts import (
     conversation_segments,
     encode_segments_batch,
     placeholder_problem,
+    suffix_name,
     text_is_valid_unicode,
 )
 
@@ -104,6 +105,7 @@ class TaskResult:
     min_length: int = 0
     max_length: int = 0
     sum_length: int = 0
+    suffixes: Counter = field(default_factory=Counter)  # human turns of the examples by the suffix they end with
 
 
 class TaskRunner:
@@ -125,9 +127,9 @@ class TaskRunner:
             self.encode_batch = batch_encoder(tok)
             self.eos_text = tok.eos_token
 
-    def _record(self, line: bytes, res: TaskResult) -> tuple[Segments, str | None] | None:
-        """Parse and check one record, its image aside: (segments, image path or None); None (with the reason
-        counted) when it is rejected."""
+    def _record(self, line: bytes, res: TaskResult) -> tuple[Segments, str | None, list[str]] | None:
+        """Parse and check one record, its image aside: (segments, image path or None, the suffix name each human
+        turn ends with); None (with the reason counted) when it is rejected."""
         s = self.spec
         try:
             rec = json.loads(line)
@@ -152,7 +154,7 @@ class TaskRunner:
         if problem is not None:
             res.discarded[problem] += 1
             return None
-        return segments, image
+        return segments, image, [suffix_name(t["value"]) for t in conv[::2]]
 
     def _check_images(self, images: list) -> list:
         """ImageInfo or ImageRejected for each path (runs in a thread: PIL decodes without the GIL)."""
@@ -167,7 +169,7 @@ class TaskRunner:
     def run(self, task: int, source: str, start: int, end: int, out: str) -> TaskResult:
         s = self.spec
         res = TaskResult(task, None)
-        parsed: list[tuple[Segments, str | None]] = []
+        parsed: list[tuple[Segments, str | None, list[str]]] = []
         with open(source, "rb") as f:
             f.seek(start)
             chunk = f.read(end - start)
@@ -181,12 +183,12 @@ class TaskRunner:
         # The images are checked (full decode) in a thread while the tokenizer's Rust backend, which releases the
         # GIL, encodes every conversation; a record whose image is rejected is then dropped with its tokens.
         with ThreadPoolExecutor(1, thread_name_prefix="image-checks") as checker:
-            checks = checker.submit(self._check_images, [image for _, image in parsed if image is not None])
-            segments = [seg for seg, _ in parsed]
+            checks = checker.submit(self._check_images, [image for _, image, _ in parsed if image is not None])
+            segments = [seg for seg, _, _ in parsed]
             encoded = encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
             infos = iter(checks.result())
         rows, paths = [], []
-        for (_, image), enc in zip(parsed, encoded, strict=True):
+        for (_, image, suffixes), enc in zip(parsed, encoded, strict=True):
             if image is not None:
                 info = next(infos)
                 if isinstance(info, ImageRejected):
@@ -200,6 +202,7 @@ class TaskRunner:
                 res.discarded["no_loss_tokens"] += 1
                 continue
             res.image_starts.add(enc.image_start)
+            res.suffixes.update(suffixes)
             rows.append((enc.input_ids, enc.loss_mask, image is not None))
             paths.append(image.encode("utf-8") if image is not None else NO_IMAGE)
         if not rows:

@@ -40,6 +40,7 @@ from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomi
 from llava_core.config import PipelineConfig
 from llava_core.data.hdf5_examples import TaskResult, TaskRunner, WriterSpec, h5_file
 from llava_core.data.hdf5_format import STRING
+from llava_core.data.prompts import PROMPT_SUFFIXES
 from llava_core.phases import get_phase
 
 MAX_RECORDS_PER_TASK = 1024  # bounds a task's memory: 1024 x 4 x MSL int32 (32 MiB at MSL 2048)
@@ -281,6 +282,8 @@ def _data_params(cfg: PipelineConfig, phase: str, spec: WriterSpec, tok, geometr
         "vocab_size": len(tok),
         "token_stats": total.token_stats(spec.msl),
         "image_patch_info": {"image_patch_start_idx": next(iter(total.image_starts)), "num_patches": spec.num_patches},
+        # per dataset, the examples' human turns by the evaluation suffix they end with (evaluation/suffixes.py)
+        "question_suffixes": {d: {n: c[n] for n in PROMPT_SUFFIXES} for d, c in total.suffixes_by_input.items()},
     }
 
 
@@ -325,12 +328,14 @@ class _Totals:
         self.image_notes: Counter = Counter()
         self.image_starts: set = set()
         self.processed_by_input = {p.stem: 0 for p in inputs}
+        self.suffixes_by_input: dict[str, Counter] = {p.stem: Counter() for p in inputs}
         kept = [r for r in results if r.examples]
         for r, task in zip(results, tasks, strict=True):
             self.discarded.update(r.discarded)
             self.image_notes.update(r.image_notes)
             self.image_starts |= r.image_starts
             self.processed_by_input[Path(task[1]).stem] += r.processed
+            self.suffixes_by_input[Path(task[1]).stem].update(r.suffixes)
         self.processed = sum(r.processed for r in results)
         self.examples = sum(r.examples for r in kept)
         self.text_only = sum(r.text_only for r in kept)

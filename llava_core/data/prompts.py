@@ -353,6 +353,21 @@ def encode_conversation(
     return encode_segments_batch([seg], batch_encoder(tokenizer), bos, eos, num_patches, pad_id)[0]
 
 
+# --- evaluation suffixes in questions (docs/evaluation.md#evaluation-suffixes) ---------------------------
+def with_suffix(text: str, suffix: str) -> str:
+    """The question followed by the suffix on its own line (as LLaVA's eval files and its mix665k VQA turns are
+    written), once."""
+    if not suffix or text.rstrip().endswith(suffix):
+        return text
+    return f"{text}\n{suffix}"
+
+
+def suffix_name(text: str) -> str:
+    """The `PROMPT_SUFFIXES` name a question ends with, the `<image>` placeholder aside; "none" for none of them."""
+    body = _strip_image(text)
+    return next((name for name, s in PROMPT_SUFFIXES.items() if s and body.endswith(s)), "none")
+
+
 def count_image_placeholders(conversations: list[dict]) -> int:
     """`<image>` occurrences in the turns' text values (a malformed turn counts none; the encoder rejects it)."""
     return sum(

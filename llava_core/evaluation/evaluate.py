@@ -3,7 +3,9 @@
 Input is a LLaVA `model_vqa`-style question file (question_id, image, text, answers, and a `category` or `task`
 that picks the metric in `eval.metrics`). Each question gets an evaluation suffix (docs/evaluation.md):
 the question's own `suffix` (a `PROMPT_SUFFIXES` name), else `eval.suffixes[category]`, else
-`eval.prompt_suffix`; a text that already ends with it is left alone. Prompts are built by
+`eval.prompt_suffix` (`auto`: the form the phase-2 training questions had, `evaluation/suffixes.py`); a text that
+already ends with it is left alone. The report gives each category's suffix and the share of training questions
+that carried it, and a warning (logged too) for a suffix under 1%. Prompts are built by
 `prompts.encode_conversation` (the code that built the training data), with the image slots set to the `<image>`
 token that `LlavaForConditionalGeneration` fills, left-padded into batches and decoded greedily.
 Output: `reports/answers.jsonl` (written first, kept whatever happens later) and `reports/eval.json` (metrics per
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +28,17 @@ from llava_core.artifacts import ANSWERS, EVAL_PLOT, EVAL_REPORT, EXPORT_INFO, R
 from llava_core.atomic import staged, write_json_atomic
 from llava_core.config import EvalConfig, PipelineConfig
 from llava_core.data.images import ImageRejected, check_image, clip_transform, load_rgb
-from llava_core.data.prompts import IMAGE_PLACEHOLDER, PROMPT_SUFFIXES, encode_conversation, text_is_valid_unicode
+from llava_core.data.prompts import (
+    IMAGE_PLACEHOLDER,
+    PROMPT_SUFFIXES,
+    encode_conversation,
+    text_is_valid_unicode,
+    with_suffix,
+)
 from llava_core.evaluation.metrics import METRICS
+from llava_core.evaluation.suffixes import TrainingSuffixes, category_suffix, choose_suffixes, suffix_report
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,20 +82,14 @@ def question_category(q: dict) -> str:
     return q.get("category") or q.get("task") or "default"
 
 
-def question_suffix(q: dict, ec: EvalConfig) -> str:
+def question_suffix(q: dict, ec: EvalConfig, chosen: dict[str, str] | None = None) -> str:
+    """The question's own `suffix`, else its category's (`chosen` by `suffixes.choose_suffixes`; without it, as
+    chosen without training statistics)."""
     if q.get("suffix") is not None:
         return PROMPT_SUFFIXES[q["suffix"]]
     cat = question_category(q)
-    if cat in ec.suffixes:
-        return PROMPT_SUFFIXES[ec.suffixes[cat]]
-    return ec.prompt_suffix
-
-
-def with_suffix(text: str, suffix: str) -> str:
-    """The question followed by the suffix on its own line (as LLaVA's eval files are written), once."""
-    if not suffix or text.rstrip().endswith(suffix):
-        return text
-    return f"{text}\n{suffix}"
+    name = chosen[cat] if chosen and cat in chosen else category_suffix(ec, cat, TrainingSuffixes())
+    return PROMPT_SUFFIXES[name]
 
 
 def generation_ids(
@@ -146,12 +152,19 @@ def generate(
     return answers
 
 
+def question_prompts(questions: list[dict], cfg: PipelineConfig) -> list[str]:
+    """Each question's text with its evaluation suffix (the categories' suffixes chosen once, training statistics
+    read: a category naming a dataset they lack is an error before anything is generated)."""
+    chosen = choose_suffixes(cfg.eval, [question_category(q) for q in questions], TrainingSuffixes.load(cfg))
+    return [with_suffix(q["text"], question_suffix(q, cfg.eval, chosen)) for q in questions]
+
+
 def generate_answers(
     hf_model, tokenizer, questions: list[dict], image_folder: Path, cfg: PipelineConfig, image_token_id: int
 ) -> list[str]:
     """Greedy answers to the questions, each with its evaluation suffix."""
     ec = cfg.eval
-    prompts = [with_suffix(q["text"], question_suffix(q, ec)) for q in questions]
+    prompts = question_prompts(questions, cfg)
     images = [load_rgb(_question_image(image_folder, q)) for q in questions]
     return generate(
         hf_model,
@@ -235,6 +248,9 @@ def finish_report(cfg: PipelineConfig, records: list[dict], model_dir: Path) -> 
     report = score(records, [r["text"] for r in records], cfg)
     report["model"] = str(model_dir)
     report["questions"] = cfg.eval.questions
+    report["prompt_suffix"], report["warnings"] = suffix_report(cfg, records)
+    for w in report["warnings"]:
+        log.warning(f"warning: {w}")
     if cfg.eval.judge is not None:
         from llava_core.evaluation.judge import JudgeClient, review_answers
 
@@ -268,7 +284,7 @@ def evaluate(cfg: PipelineConfig) -> EvalResult:
     preds = generate_answers(
         model, tokenizer, questions, cfg.image_root / cfg.eval.image_folder, cfg, info["image_token_id"]
     )
-    prompts = [with_suffix(q["text"], question_suffix(q, cfg.eval)) for q in questions]
+    prompts = question_prompts(questions, cfg)
     records = answer_records(questions, preds, prompts, str(model_dir))
     write_answers(cfg.path("reports") / ANSWERS, records)
     return finish_report(cfg, records, model_dir)

@@ -10,6 +10,7 @@ import pytest
 from llava_core.config import ConfigError
 from llava_core.data.convert import convert
 from llava_core.data.converters import BRIEF_PROMPTS, CAPTION_PROMPT, CONVERTERS
+from llava_core.data.prompts import PROMPT_SUFFIXES
 from llava_core.params import load_config
 from tests.helpers_unit import base_params, png_bytes, write_params, write_png
 
@@ -72,7 +73,7 @@ def test_unknown_converter_and_option_name_the_valid_ones(tmp_path):
         make_cfg(tmp_path, "vqa", "x.json")
     with pytest.raises(
         ConfigError,
-        match=r"datasets\.d\.options: unknown key\(s\) \['split'\] for converter 'dvqa'; valid: \['image_folder'\]",
+        match=r"datasets\.d\.options: unknown key\(s\) \['split'\] for converter 'dvqa'; valid: \['image_folder', 'suffix'\]",
     ):
         make_cfg(tmp_path, "dvqa", "x.json", options={"split": "val"})
 
@@ -252,6 +253,52 @@ def test_dvqa(tmp_path):
         qa("dvqa-12", f"{SRC}/images/bar_1.png", "How many bars?", "3"),
     ]
     check_report(res, 5, 2, {"missing_fields": 1, "duplicate_id": 1, "not_an_object": 1})
+
+
+QUESTION_CONVERTERS = ("ai2d", "arxivqa", "chartqa", "docvqa", "dvqa", "infographicvqa", "llava_json")
+
+
+def test_the_converters_that_ask_questions_take_the_suffix_option():
+    assert sorted(n for n, c in CONVERTERS.items() if "suffix" in c.options) == list(QUESTION_CONVERTERS)
+    assert all(CONVERTERS[n].options["suffix"] == "none" for n in QUESTION_CONVERTERS)  # off by default
+
+
+@pytest.mark.parametrize("suffix", ["short_answer", "multiple_choice", "none"])
+def test_dvqa_with_an_evaluation_suffix(tmp_path, suffix):
+    """As LLaVA-1.5's mix665k writes its VQA questions: the suffix on its own line after the question."""
+    cfg = make_cfg(tmp_path, "dvqa", "qa/train_qa.json", options={"suffix": suffix})
+    img(cfg, "images/bar_1.png")
+    put_json(
+        cfg, "qa/train_qa.json", [{"question_id": 1, "image": "bar_1.png", "question": "How many bars?", "answer": 3}]
+    )
+    res = convert(cfg, "d")
+    question = "How many bars?" + ("" if suffix == "none" else f"\n{PROMPT_SUFFIXES[suffix]}")
+    assert records(res) == [qa("dvqa-1", f"{SRC}/images/bar_1.png", question, "3")]
+    assert json.loads(res.report_path.read_text())["options"] == {"image_folder": "images", "suffix": suffix}
+
+
+def test_llava_json_suffix_on_every_human_turn_without_one(tmp_path):
+    short, mc = PROMPT_SUFFIXES["short_answer"], PROMPT_SUFFIXES["multiple_choice"]
+    cfg = make_cfg(tmp_path, "llava_json", "mix.json", options={"suffix": "short_answer"})
+    img(cfg, "coco/1.jpg")
+    turns = [
+        {"from": "human", "value": "What is it?\n<image>"},  # the placeholder at the end, as some mix665k records
+        {"from": "gpt", "value": "A cat."},
+        {"from": "human", "value": f"Which?\nA. cat\nB. dog\n{mc}"},  # already has one: left alone
+        {"from": "gpt", "value": "A"},
+        {"from": "human", "value": f"Color?\n{short}"},  # not twice
+        {"from": "gpt", "value": "Grey."},
+    ]
+    put_json(cfg, "mix.json", [{"id": "1", "image": "coco/1.jpg", "conversations": turns}])
+    [rec] = records(convert(cfg, "d"))
+    assert [t["value"] for t in rec["conversations"]] == [
+        f"What is it?\n<image>\n{short}",
+        "A cat.",
+        f"Which?\nA. cat\nB. dog\n{mc}",
+        "A",
+        f"Color?\n{short}",
+        "Grey.",
+    ]
 
 
 def test_llava_json_glob_of_several_files(tmp_path):

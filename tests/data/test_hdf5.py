@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from llava_core.data.convert import convert
 from llava_core.data.hdf5_examples import example_rows
 from llava_core.data.hdf5_writer import build_hdf5
+from llava_core.data.prompts import PROMPT_SUFFIXES
 from llava_core.data.sources import download
 from llava_core.params import load_config
 from llava_core.presets import PRESETS
@@ -257,6 +258,38 @@ def test_rejections_are_counted_by_reason(ws):
     p1 = json.loads((cfg.hdf5_dir("phase1") / "data_params.json").read_text())
     assert p1["discarded_by_reason"] == {"phase1_without_image": 1}
     assert p1["examples"] == 20
+
+
+def _ends_with(value: str) -> str:
+    """Which evaluation suffix a human turn ends with, the `<image>` placeholder taken out (an independent reading)."""
+    text = value.replace("<image>", "").strip()
+    return next((n for n, s in PROMPT_SUFFIXES.items() if s and text.endswith(s)), "none")
+
+
+def test_question_suffixes_count_the_human_turns_of_the_examples(ws):
+    """data_params.json: per dataset, the human turns of the examples written (rejected records not counted) by
+    the evaluation suffix they end with; the synthetic instructions carry short_answer on their first turn."""
+    cfg, _ = ws
+    rejected = {rec["id"] for _, rec in REJECTED if isinstance(rec, dict)} | {"pt_text"}
+    for phase, dataset in (("phase1", "shapes_pretrain"), ("phase2", "shapes_instruct")):
+        expected, with_image = dict.fromkeys(PROMPT_SUFFIXES, 0), 0
+        for line in cfg.jsonl_path(dataset).read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the malformed record
+            if rec["id"] not in rejected:
+                with_image += rec["id"].startswith("it_") and "image" in rec
+                for turn in rec["conversations"][::2]:
+                    expected[_ends_with(turn["value"])] += 1
+        params = json.loads((cfg.hdf5_dir(phase) / "data_params.json").read_text())
+        assert params["question_suffixes"] == {dataset: expected}
+    # one short_answer turn per synthetic conversation with an image: its first
+    assert (
+        expected["short_answer"] == with_image > 0
+        and expected["none"] > with_image
+        and expected["multiple_choice"] == 0
+    )
 
 
 def test_reader_returns_tensors(ws):

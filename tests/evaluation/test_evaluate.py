@@ -121,6 +121,9 @@ def test_evaluate_writes_answers_and_report(exported):
     overall = sum(by[c]["accuracy"] * by[c]["n"] for c in by) / len(EVAL_QUESTIONS)
     assert report["overall_accuracy"] == pytest.approx(overall)
     assert "judge" not in report
+    # no HDF5 data in this workspace: no training statistics, `auto` is the former default, nothing is warned
+    assert report["prompt_suffix"]["training_statistics"] is None and report["warnings"] == []
+    assert report["prompt_suffix"]["by_category"]["color"]["suffix"] == "short_answer"
 
 
 def read_as_llava_scripts_do(answers_path, questions: list[dict]) -> dict:

@@ -44,6 +44,7 @@ def test_definitions_load_with_lineage_and_job():
     assert graph.get(dg.AssetKey("eval_report")).parent_keys == {
         dg.AssetKey("hf_model"),
         dg.AssetKey("raw_synthetic_shapes"),
+        dg.AssetKey("hdf5_phase2"),  # the training questions' suffix statistics
     }
     assert graph.get(dg.AssetKey("checkpoint_phase2")).parent_keys == {
         dg.AssetKey("hdf5_phase2"),
@@ -74,7 +75,9 @@ def test_materialize_default_pipeline_learns(tmp_path):
         )
         assert result.success
         checks = result.get_asset_check_evaluations()
-        assert len(checks) == 4 and all(c.passed for c in checks)  # the data gates let training run
+        # the data gates let training run; the report asks every category as the training data did
+        assert len(checks) == 5 and all(c.passed for c in checks)
+        assert {c.check_name for c in checks} == {"jsonl_suite", "hdf5_suite", "prompt_suffixes"}
         mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
         assert set(mats) == EXPECTED_ASSETS
         # the instance recorded every materialisation
