@@ -8,16 +8,20 @@ through temporary names and renamed into place.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from llava_core.atomic import json_text, staged
 from llava_core.config import PipelineConfig
 from llava_core.data.converters import CONVERTERS, ConvertInput, Drop  # noqa: F401  (Drop re-exported)
-from llava_core.data.images import ImageRejected, check_image, resolve_image
+from llava_core.data.image_cache import ImageCheckCache, cache_folder
+from llava_core.data.images import ImageChecker, ImageRejected
 from llava_core.data.prompts import placeholder_problem, text_is_valid_unicode
 from llava_core.phases import choose
 
@@ -34,7 +38,18 @@ class ConvertResult:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images: bool = True) -> dict:
+class RecordImages:
+    """The image checks of one conversion: paths inside the source's folder and the image root, and the decode
+    (through the image checks' cache when one is given). Folders are resolved once, not per record."""
+
+    def __init__(self, image_root: Path, image_prefix: str, cache: ImageCheckCache | None = None) -> None:
+        self.root = ImageChecker(image_root, cache=cache)
+        self.source = ImageChecker(image_root / image_prefix if image_prefix else image_root)
+
+
+def validate_record(
+    rec: dict, image_root: Path, image_prefix: str, check_images: bool = True, images: RecordImages | None = None
+) -> dict:
     """Normalise one candidate record to the section-3 shape or raise Drop with the reason."""
     conv = rec.get("conversations")
     if "id" not in rec or not isinstance(conv, list) or not conv:
@@ -60,15 +75,51 @@ def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images
         try:
             # the path must stay inside its own source's folder (no absolute paths, no `..` escapes),
             # and the prefixed path inside the image root
-            resolve_image(image_root / image_prefix if image_prefix else image_root, image)
-            resolve_image(image_root, rel)
+            images = images or RecordImages(image_root, image_prefix)
+            images.source.resolve(image)
             if check_images:
-                check_image(image_root, rel)
+                images.root.check(rel)
+            else:
+                images.root.resolve(rel)
         except ImageRejected as e:
             raise Drop(e.reason) from None
         out["image"] = rel
     out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in conv]
     return out
+
+
+class SeenIds:
+    """The record ids met so far, as 128-bit digests in sorted arrays (16 bytes an id, against about 90 for a set
+    of strings): what a conversion holds grows by little with the records. Two different ids share a digest with
+    a chance of about 1e-27 at a million records."""
+
+    def __init__(self, merge_every: int = 1 << 16) -> None:
+        self.high = np.empty(0, dtype=np.uint64)  # sorted by (high, low)
+        self.low = np.empty(0, dtype=np.uint64)
+        self.recent: set[bytes] = set()
+        self.merge_every = merge_every
+
+    def add(self, record_id: str) -> bool:
+        """Remember `record_id`; False when it was met before."""
+        d = hashlib.blake2b(record_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if d in self.recent:
+            return False
+        high, low = int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+        i = int(np.searchsorted(self.high, high))
+        while i < len(self.high) and int(self.high[i]) == high:
+            if int(self.low[i]) == low:
+                return False
+            i += 1
+        self.recent.add(d)
+        if len(self.recent) >= self.merge_every:
+            self._merge()
+        return True
+
+    def _merge(self) -> None:
+        new = np.frombuffer(b"".join(self.recent), dtype="<u8").reshape(-1, 2)
+        high, low = np.concatenate([self.high, new[:, 0]]), np.concatenate([self.low, new[:, 1]])
+        order = np.lexsort((low, high))
+        self.high, self.low, self.recent = high[order], low[order], set()
 
 
 def dataset_files(root: Path, file: str, folder_glob: str) -> list[Path]:
@@ -130,17 +181,18 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     read = written = 0
     dropped: Counter[str] = Counter()
-    seen_ids: set[str] = set()
+    seen_ids = SeenIds()
+    cache = ImageCheckCache(cache_folder(cfg.image_root)) if check_images else None
+    images = RecordImages(cfg.image_root, prefix, cache)
     with staged(out_path, tmp, image_tmp), open(tmp, "w", encoding="utf-8") as f:
         for item in conv.fn(inp):
             read += 1
             try:
                 if isinstance(item, Drop):
                     raise item
-                rec = validate_record(item, cfg.image_root, prefix, check_images)
-                if rec["id"] in seen_ids:
+                rec = validate_record(item, cfg.image_root, prefix, check_images, images)
+                if not seen_ids.add(rec["id"]):
                     raise Drop("duplicate_id")
-                seen_ids.add(rec["id"])
             except Drop as d:
                 dropped[d.reason] += 1
                 continue
@@ -150,6 +202,8 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
             written += 1
         if not read:
             raise ValueError(f"{', '.join(str(p) for p in files)}: no records found; nothing was converted")
+    if cache is not None:
+        cache.close()
     report_path = cfg.convert_report(dataset)
     report = {
         "dataset": dataset,
