@@ -134,6 +134,7 @@ def llava_json(inp: ConvertInput) -> Iterator[Item]:
 
 READ_CHARS = 1 << 20  # characters read at a time by json_array_items
 MAX_ITEM_CHARS = 1 << 26  # an array element longer than this (64 Mi characters) is not a record: an error
+AFTER_ELEMENT = " \t\r\n,]"  # what may follow an array element in valid JSON
 
 
 def json_array_items(path: Path) -> Iterator[Any]:
@@ -172,16 +173,17 @@ def json_array_items(path: Path) -> Iterator[Any]:
                 pos += 1
                 skip_space()
             first = False
-            while True:  # an element, read further until it is whole (a number at the buffer's end may go on)
+            while True:  # an element, read further until it is whole and what follows it is in the buffer
                 try:
                     item, end = decoder.raw_decode(buf, pos)
-                    if end < len(buf) or eof:
+                    if eof or (end < len(buf) and buf[end] in AFTER_ELEMENT):  # not a number cut short
                         break
                 except json.JSONDecodeError as e:
-                    if eof or len(buf) - pos > MAX_ITEM_CHARS:
+                    if eof:
                         raise ValueError(f"{path}: not valid JSON ({e})") from None
-                if not more():
-                    eof = True
+                if len(buf) - pos > MAX_ITEM_CHARS:
+                    raise ValueError(f"{path}: not valid JSON (an element longer than {MAX_ITEM_CHARS} characters)")
+                more()
             pos = end
             count += 1
             yield item

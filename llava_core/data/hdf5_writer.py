@@ -56,6 +56,8 @@ class Hdf5Result:
     image_start_idx: int = 0
     image_notes: dict[str, int] = field(default_factory=dict)
     files: int = 0
+    images_decoded: int = 0  # image files this run decoded
+    images_cached: int = 0  # image checks answered by the image checks' cache (no decode)
 
 
 def line_ranges(path: Path, records_per_task: int) -> list[tuple[int, int]]:
@@ -246,10 +248,6 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
                 raise ValueError(
                     f"{phase}: no example survived ({dict(total.discarded)}) out of {total.processed} records"
                 )
-            log.info(
-                f"{phase}: {total.processed} records, {total.examples} examples; images: {total.images_decoded} "
-                f"decoded, {total.images_checked - total.images_decoded} known to the image checks' cache"
-            )
             pool.shards(shard_jobs(Layout.of(total.placements), cfg.seed, hc.shard_size, tmp, spec.msl))
             files = total.files(hc.shard_size)
         shutil.rmtree(work)
@@ -258,7 +256,9 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
     replace_dir(tmp, out)
     start = params["image_patch_info"]["image_patch_start_idx"]
     discarded, notes = dict(total.discarded), dict(total.image_notes)
-    return Hdf5Result(phase, out, total.examples, total.processed, discarded, start, notes, len(files))
+    cached = total.images_checked - total.images_decoded
+    return Hdf5Result(phase, out, total.examples, total.processed, discarded, start, notes, len(files),
+                      total.images_decoded, cached)  # fmt: skip
 
 
 class _Totals:
