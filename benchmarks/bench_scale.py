@@ -35,7 +35,7 @@ from pathlib import Path
 from benchmarks.common import OtherWork, figure, machine, tiny_params, venv_env, write_params
 
 SIZES = (10_000, 100_000, 1_000_000)
-QUICK_SIZES = (400, 1_000, 2_000)
+QUICK_SIZES = (300, 600)
 FLOOR = 200
 STAGES = (
     ("convert", "scale_pretrain"),
@@ -180,7 +180,7 @@ def table(sizes: list[dict], floor: dict) -> list[dict]:
                 if floor_s is not None and seconds > floor_s and records > floor_n:
                     net = (records - floor_n) / (seconds - floor_s)
                 out.append({
-                    "stage": stage, "size": s["records"], "records": records, "seconds": round(seconds, 2),
+                    "stage": stage, "size": s["records"], "records": records, "seconds": round(seconds, 4),
                     "records_per_s": round(records / seconds, 1), "net_records_per_s": net and round(net, 1),
                     "peak_mib": r["peak_mib"], "output_bytes": r["output_bytes"],
                 })  # fmt: skip
