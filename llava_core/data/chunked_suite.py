@@ -11,7 +11,7 @@ uniqueness expectation then finds every duplicate, as it would on the whole tabl
 
 from __future__ import annotations
 
-import pickle
+import json
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -166,36 +166,32 @@ def partitioned(
 ) -> Iterator[pd.DataFrame]:
     """`rows` (about `total` of them) as frames of about `size` rows, dealt by a hash of `key` (rows without one by
     their number): equal keys fall in one frame. Above one frame's worth, the partitions wait in files under
-    `spill` (an existing folder the caller removes)."""
+    `spill` (an existing folder the caller removes), a JSON line per row (values JSON holds: str, int, bool)."""
     parts = max(1, -(-total // size))
     if parts == 1:
         batch = list(rows)
         yield pd.DataFrame(batch, columns=columns, index=pd.RangeIndex(len(batch)))
         return
-    buffers: list[list] = [[] for _ in range(parts)]
-    files = [open(spill / f"part-{k:05d}.pickle", "wb") for k in range(parts)]
+    buffers: list[list[str]] = [[] for _ in range(parts)]
+    files = [open(spill / f"part-{k:05d}.jsonl", "w", encoding="utf-8") for k in range(parts)]
     try:
         for number, row in enumerate(rows):
             value = row.get(key)
             k = number % parts if value is None else zlib.crc32(str(value).encode("utf-8", "replace")) % parts
-            buffers[k].append((number, [row[c] for c in columns]))
+            buffers[k].append(json.dumps([number, [row[c] for c in columns]]) + "\n")
             if len(buffers[k]) >= SPILL_ROWS:
-                pickle.dump(buffers[k], files[k], protocol=pickle.HIGHEST_PROTOCOL)
+                files[k].write("".join(buffers[k]))
                 buffers[k] = []
         for k in range(parts):
-            pickle.dump(buffers[k], files[k], protocol=pickle.HIGHEST_PROTOCOL)
+            files[k].write("".join(buffers[k]))
     finally:
         for f in files:
             f.close()
     del buffers
     for k in range(parts):
-        part: list = []
-        with open(spill / f"part-{k:05d}.pickle", "rb") as f:
-            while True:
-                try:
-                    part += pickle.load(f)
-                except EOFError:
-                    break
-        (spill / f"part-{k:05d}.pickle").unlink()
+        path = spill / f"part-{k:05d}.jsonl"
+        with open(path, encoding="utf-8") as f:
+            part = [json.loads(line) for line in f]
+        path.unlink()
         part.sort(key=lambda item: item[0])
         yield pd.DataFrame([values for _, values in part], columns=columns, index=[n for n, _ in part])
