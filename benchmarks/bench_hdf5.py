@@ -52,35 +52,42 @@ def cores(n: int | None):
         os.sched_setaffinity(0, before)
 
 
-def run(quick: bool = False) -> dict:
+def _workspace(root: Path, n: int) -> tuple[dict, list[dict]]:
+    """The configs of 1 and 2 writer processes over `n` distinct phase-2 records; the records."""
     from llava_core.data.convert import convert
+    from llava_core.data.sources import download
+    from llava_core.params import load_config
+
+    cfgs = {}
+    for w in (1, 2):
+        params = tiny_params(
+            root,
+            {"num_pretrain": 8, "num_instruct": n, "num_eval_images": 2},
+            hdf5={"phase2": {"num_workers": w, "max_sequence_length": 512}},
+        )
+        params["workspace"]["hdf5"] = f"hdf5_w{w}"
+        cfgs[w] = load_config(write_params(root / f"params_w{w}.yaml", params))
+    cfg = cfgs[1]
+    download(cfg, "synthetic_shapes")
+    convert(cfg, "shapes_instruct", check_images=False)
+    records = [_distinct(k, json.loads(line)) for k, line in enumerate(cfg.jsonl_path("shapes_instruct").open())]
+    cfg.jsonl_path("shapes_instruct").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return cfgs, records
+
+
+def run(quick: bool = False) -> dict:
     from llava_core.data.hdf5_writer import build_hdf5
     from llava_core.data.image_cache import ImageCheckCache, cache_folder
     from llava_core.data.images import ImageChecker
     from llava_core.data.prompts import conversation_segments
-    from llava_core.data.sources import download
     from llava_core.data.tokenizer import load_tokenizer
-    from llava_core.params import load_config
 
     n = 1000 if quick else 16000
     repeats = 1 if quick else 3
     two_cores = len(os.sched_getaffinity(0)) >= 2
     with tempfile.TemporaryDirectory(prefix="bench_hdf5_") as tmp:
-        root = Path(tmp)
-        cfgs = {}
-        for w in (1, 2):
-            params = tiny_params(
-                root,
-                {"num_pretrain": 8, "num_instruct": n, "num_eval_images": 2},
-                hdf5={"phase2": {"num_workers": w, "max_sequence_length": 512}},
-            )
-            params["workspace"]["hdf5"] = f"hdf5_w{w}"
-            cfgs[w] = load_config(write_params(root / f"params_w{w}.yaml", params))
+        cfgs, records = _workspace(Path(tmp), n)
         cfg = cfgs[1]
-        download(cfg, "synthetic_shapes")
-        convert(cfg, "shapes_instruct", check_images=False)
-        records = [_distinct(k, json.loads(line)) for k, line in enumerate(cfg.jsonl_path("shapes_instruct").open())]
-        cfg.jsonl_path("shapes_instruct").write_text("".join(json.dumps(r) + "\n" for r in records))
         style = cfg.hdf5["phase2"].prompt_style
         texts = [t for r in records for t in conversation_segments(r["conversations"], style).texts() if t]
         backend = load_tokenizer(cfg.resolve_file(cfg.model.tokenizer)).backend_tokenizer  # the Rust tokenizer
@@ -123,8 +130,23 @@ def run(quick: bool = False) -> dict:
             s["images"].append(checks(cached=False))
             s["images_cached"].append(checks(cached=True))
     r = {k: rate(n if not k.startswith("images") else len(images), min(v)) for k, v in s.items()}
+    return {
+        "figures": _figures(r, decoded, two_cores),
+        "details": {
+            "records": n,
+            "text_pieces": len(texts),
+            "distinct_text_pieces": len(set(texts)),
+            "repeats": repeats,
+            "seconds_each": {k: [round(x, 3) for x in v] for k, v in s.items()},
+            "samples_per_s": r,
+            "images_decoded": decoded,
+        },
+    }
+
+
+def _figures(r: dict, decoded: dict, two_cores: bool) -> list[dict]:
     ceiling_name = "ceiling: encode_batch of the same texts, all cores"
-    figures = [
+    return [
         figure(B, "writer, 1 process (whole stage, first run: every image decoded)", "samples/s", r["writer_1"],
                r["ceiling"], ceiling_name, ("ratio", ">=", 0.8)),
         figure(B, "writer, 2 processes (whole stage, first run)", "samples/s", r["writer_2"], r["ceiling"],
@@ -142,18 +164,6 @@ def run(quick: bool = False) -> dict:
         figure(B, "image checks alone, from the cache (resolve + SHA-256 + lookup)", "samples/s", r["images_cached"],
                r["images"], "with a full decode"),
     ]  # fmt: skip
-    return {
-        "figures": figures,
-        "details": {
-            "records": n,
-            "text_pieces": len(texts),
-            "distinct_text_pieces": len(set(texts)),
-            "repeats": repeats,
-            "seconds_each": {k: [round(x, 3) for x in v] for k, v in s.items()},
-            "samples_per_s": r,
-            "images_decoded": decoded,
-        },
-    }
 
 
 if __name__ == "__main__":

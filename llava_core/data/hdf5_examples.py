@@ -111,20 +111,19 @@ class TaskResult:
 
 @dataclass
 class _Prepared:
-    """A task's records parsed and checked (images aside), with the distinct texts to tokenise."""
+    """A task's records parsed and checked (images aside)."""
 
     res: TaskResult
     work: str
     parsed: list[tuple[Segments, str | None]]
-    unique: list[str]
 
 
 class TaskRunner:
     """Turns ranges of jsonl lines into examples in this process's spool: checks, batched tokenisation, packing.
 
-    `run_all` overlaps the steps of consecutive tasks: while the tokenizer's Rust code (which releases the GIL)
-    encodes one task's texts in a thread, this thread parses the next task and packs the previous one, and a
-    third thread checks the images (Pillow decodes and hashlib hashes without the GIL)."""
+    `run_all` overlaps the steps of consecutive tasks: while one task's conversations are encoded in a thread
+    (most of it the tokenizer's Rust code, which releases the GIL), this thread parses the next task and packs the
+    previous one, and a third thread checks the images (Pillow decodes and hashlib hashes without the GIL)."""
 
     def __init__(self, spec: WriterSpec) -> None:
         self.spec = spec
@@ -191,8 +190,7 @@ class TaskRunner:
             r = self._record(raw, res)
             if r is not None:
                 parsed.append(r)
-        unique = list(dict.fromkeys(t for seg, _ in parsed for t in seg.texts() if t))
-        return _Prepared(res, work, parsed, unique)
+        return _Prepared(res, work, parsed)
 
     def run_all(self, tasks: Iterable[tuple]) -> Iterator[TaskResult]:
         """Each task's result, in order; one task is encoded while the one before it is finished."""
@@ -204,11 +202,16 @@ class TaskRunner:
             for task in tasks:
                 p = self.prepare(*task)
                 images = [image for _, image in p.parsed if image is not None]
-                ahead.append((p, tokenizer.submit(self.encode_batch, p.unique), checker.submit(self._checks, images)))
+                ahead.append((p, tokenizer.submit(self._encode, p), checker.submit(self._checks, images)))
                 if len(ahead) > 1:
                     yield self.finish(*ahead.popleft())
             while ahead:
                 yield self.finish(*ahead.popleft())
+
+    def _encode(self, p: _Prepared) -> list:
+        s = self.spec
+        segments = [seg for seg, _ in p.parsed]
+        return encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
 
     def _checks(self, images: list[str]) -> tuple[list, int]:
         before = self.images.decoded
@@ -217,11 +220,7 @@ class TaskRunner:
     def finish(self, p: _Prepared, encoded: Future, checked: Future) -> TaskResult:
         """Assemble the encoded conversations, drop the rejected ones (counted), pack and spool the rest."""
         s, res = self.spec, p.res
-        known = dict(zip(p.unique, encoded.result(), strict=True))
-        segments = [seg for seg, _ in p.parsed]
-        conversations = encode_segments_batch(
-            segments, lambda texts: [known[t] for t in texts], s.bos_id, s.eos_id, s.num_patches, s.pad_id
-        )
+        conversations = encoded.result()
         checks, res.images_decoded = checked.result()
         res.images_checked = len(checks)
         infos = iter(checks)
