@@ -76,11 +76,11 @@ def validate_record(
             # the path must stay inside its own source's folder (no absolute paths, no `..` escapes),
             # and the prefixed path inside the image root
             images = images or RecordImages(image_root, image_prefix)
-            images.source.resolve(image)
+            images.source.resolve(image, as_path=False)
             if check_images:
                 images.root.check(rel)
             else:
-                images.root.resolve(rel)
+                images.root.resolve(rel, as_path=False)
         except ImageRejected as e:
             raise Drop(e.reason) from None
         out["image"] = rel
@@ -89,37 +89,45 @@ def validate_record(
 
 
 class SeenIds:
-    """The record ids met so far, as 128-bit digests in sorted arrays (16 bytes an id, against about 90 for a set
-    of strings): what a conversion holds grows by little with the records. Two different ids share a digest with
-    a chance of about 1e-27 at a million records."""
+    """The record ids met so far, as 128-bit digests (16 bytes an id, against about 90 for a set of strings), in
+    256 buckets by the digest's first byte, each a sorted array: what a conversion holds grows by little with the
+    records, and merging new digests into a bucket never copies more than that bucket. Two different ids share a
+    digest with a chance of about 1e-27 at a million records."""
 
-    def __init__(self, merge_every: int = 1 << 16) -> None:
-        self.high = np.empty(0, dtype=np.uint64)  # sorted by (high, low)
-        self.low = np.empty(0, dtype=np.uint64)
-        self.recent: set[bytes] = set()
+    BUCKETS = 256
+
+    def __init__(self, merge_every: int = 64) -> None:
+        self.high = [np.empty(0, dtype=np.uint64) for _ in range(self.BUCKETS)]  # each sorted by (high, low)
+        self.low = [np.empty(0, dtype=np.uint64) for _ in range(self.BUCKETS)]
+        self.recent: list[set[bytes]] = [set() for _ in range(self.BUCKETS)]
         self.merge_every = merge_every
+
+    def __len__(self) -> int:
+        return sum(len(h) + len(r) for h, r in zip(self.high, self.recent, strict=True))
 
     def add(self, record_id: str) -> bool:
         """Remember `record_id`; False when it was met before."""
         d = hashlib.blake2b(record_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if d in self.recent:
+        b = d[0]
+        if d in self.recent[b]:
             return False
         high, low = int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
-        i = int(np.searchsorted(self.high, high))
-        while i < len(self.high) and int(self.high[i]) == high:
-            if int(self.low[i]) == low:
+        highs = self.high[b]
+        i = int(np.searchsorted(highs, np.uint64(high)))
+        while i < len(highs) and int(highs[i]) == high:
+            if int(self.low[b][i]) == low:
                 return False
             i += 1
-        self.recent.add(d)
-        if len(self.recent) >= self.merge_every:
-            self._merge()
+        self.recent[b].add(d)
+        if len(self.recent[b]) >= self.merge_every:
+            self._merge(b)
         return True
 
-    def _merge(self) -> None:
-        new = np.frombuffer(b"".join(self.recent), dtype="<u8").reshape(-1, 2)
-        high, low = np.concatenate([self.high, new[:, 0]]), np.concatenate([self.low, new[:, 1]])
+    def _merge(self, b: int) -> None:
+        new = np.frombuffer(b"".join(self.recent[b]), dtype="<u8").reshape(-1, 2)
+        high, low = np.concatenate([self.high[b], new[:, 0]]), np.concatenate([self.low[b], new[:, 1]])
         order = np.lexsort((low, high))
-        self.high, self.low, self.recent = high[order], low[order], set()
+        self.high[b], self.low[b], self.recent[b] = high[order], low[order], set()
 
 
 def dataset_files(root: Path, file: str, folder_glob: str) -> list[Path]:
@@ -182,15 +190,16 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     read = written = 0
     dropped: Counter[str] = Counter()
     seen_ids = SeenIds()
-    cache = ImageCheckCache(cache_folder(cfg.image_root)) if check_images else None
-    images = RecordImages(cfg.image_root, prefix, cache)
+    image_root = cfg.image_root
+    cache = ImageCheckCache(cache_folder(image_root)) if check_images else None
+    images = RecordImages(image_root, prefix, cache)
     with staged(out_path, tmp, image_tmp), open(tmp, "w", encoding="utf-8") as f:
         for item in conv.fn(inp):
             read += 1
             try:
                 if isinstance(item, Drop):
                     raise item
-                rec = validate_record(item, cfg.image_root, prefix, check_images, images)
+                rec = validate_record(item, image_root, prefix, check_images, images)
                 if not seen_ids.add(rec["id"]):
                     raise Drop("duplicate_id")
             except Drop as d:

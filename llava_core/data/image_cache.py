@@ -127,6 +127,26 @@ class ImageCheckCache:
         self.misses += len(digests) - hit
         return found
 
+    def get_one(self, key: bytes) -> Decoded | None:
+        """`get` for one digest (a conversion checks one record at a time)."""
+        with self._lock:
+            found = self._pending.get(key)
+            try:
+                conn = self._connection()
+                if found is None and conn is not None:
+                    row = conn.execute(
+                        "SELECT format, width, height, frames, reason, detail FROM checks WHERE settings = ? AND digest = ?",
+                        (settings(), key),
+                    ).fetchone()
+                    found = Decoded(*row) if row is not None else None
+            except (sqlite3.Error, OSError) as e:
+                self._off(e)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
     def put(self, verdicts: dict[bytes, Decoded], flush: bool = True) -> None:
         """Remember `verdicts`; written now (one transaction) or, without `flush`, once enough are waiting."""
         with self._lock:

@@ -71,9 +71,9 @@ class ImageChecker:
     def _inside(self, real: str) -> bool:
         return real == self._root or real.startswith(self._root + os.sep)
 
-    def resolve(self, rel: str) -> Path:
+    def resolve(self, rel: str, as_path: bool = True) -> Path | str:
         """The file for `rel`; absolute paths, `..` and links leaving the root are rejected."""
-        return Path(self._resolve(rel))
+        return Path(self._resolve(rel)) if as_path else self._resolve(rel)
 
     def _resolve(self, rel: str) -> str:
         if not isinstance(rel, str) or not rel:
@@ -105,7 +105,7 @@ class ImageChecker:
         if self.cache is None:
             return self._verdict(rel, path, self._decode(path))
         key = digest(path)
-        found = self.cache.get([key]).get(key)
+        found = self.cache.get_one(key)
         if found is None:
             found = self._decode(path)
             self.cache.put({key: found}, flush=False)

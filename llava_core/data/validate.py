@@ -135,7 +135,7 @@ def _jsonl_row(where: str, dataset: str, line: bytes, style: str, images: ImageC
 
 def _resolvable(images: ImageChecker, rel) -> bool:
     try:
-        return os.path.isfile(images.resolve(rel))
+        return os.path.isfile(images.resolve(rel, as_path=False))
     except ImageRejected:
         return False
 

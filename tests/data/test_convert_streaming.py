@@ -67,9 +67,11 @@ def test_not_utf8_deep_in_the_file(tmp_path, monkeypatch):
 def test_seen_ids_find_every_duplicate_across_merges():
     rng = random.Random(0)
     ids = [f"id{rng.randrange(3000)}" for _ in range(10000)] + ["", "é", "000000033471", "33471"]
-    seen, reference = SeenIds(merge_every=97), set()
+    seen, reference = SeenIds(merge_every=3), set()
     for i in ids:
         assert seen.add(i) == (i not in reference), i
         reference.add(i)
-    assert len(seen.high) + len(seen.recent) == len(reference)
-    assert list(seen.high) == sorted(seen.high)
+    assert len(seen) == len(reference)
+    for high, low in zip(seen.high, seen.low, strict=True):  # each bucket sorted by (high, low)
+        pairs = list(zip(high.tolist(), low.tolist(), strict=True))
+        assert pairs == sorted(pairs)
