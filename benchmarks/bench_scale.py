@@ -302,16 +302,40 @@ def run(quick: bool = False, max_size: int | None = None, out: Path = RESULTS, l
     return {"figures": figures(rows, sizes), "details": result}
 
 
+def compare(before: dict, after: dict) -> str:
+    """A markdown table: each stage's records/s and peak memory at each size both runs measured, side by side."""
+    old = {(r["stage"], r["size"]): r for r in before["rows"]}
+    lines = [
+        f"Before: `{before['command']}`, {before['machine']['date']} ({before['load']}); after: `{after['command']}`, "
+        f"{after['machine']['date']} ({after['load']}).",
+        "",
+        "| stage | records | records/s before | after | peak MiB before | after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in after["rows"]:
+        b = old.get((r["stage"], r["size"]))
+        if b is None:
+            continue
+        lines.append(f"| {r['stage']} | {r['size']:,} | {b['records_per_s']:,.0f} | {r['records_per_s']:,.0f} | "
+                     f"{b['peak_mib']:,.0f} | {r['peak_mib']:,.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}: checks that all of it runs")
     ap.add_argument("--max-size", type=int, default=None, help=f"measure only sizes up to this of {SIZES}")
     ap.add_argument("--json", type=Path, default=None, help="write the figures and details there (the harness)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"where scale.json/.md/.png go (default {RESULTS})")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                    help="print the table of two scale.json results side by side, and measure nothing")
     ap.add_argument("--library", type=Path, default=None,
                     help="run the stages on the llava_core under this folder (an earlier checkout: the before "
                          "figures); the results' names end with its folder name")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.compare:
+        print(compare(*(json.loads(p.read_text()) for p in args.compare)), end="")
+        return
     result = run(args.quick, args.max_size, args.out, args.library)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

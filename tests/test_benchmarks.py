@@ -188,3 +188,16 @@ def test_scale_benchmark_measures_every_stage_at_every_size_and_plots(tmp_path):
     assert sum(line.startswith("| ") for line in table) == len(rows) + 1
     with Image.open(tmp_path / "scale_quick.png") as png:
         assert png.format == "PNG" and png.size == (1430, 550)
+
+
+def test_scale_compare_puts_two_runs_side_by_side():
+    from benchmarks.bench_scale import compare
+
+    def result(date: str, rate: float, mib: float) -> dict:
+        rows = [{"stage": "hdf5 phase2", "size": n, "records_per_s": rate * k, "peak_mib": mib * k}
+                for k, n in enumerate((10_000, 100_000), start=1)]  # fmt: skip
+        return {"command": "make bench-scale", "machine": {"date": date}, "load": "quiet", "rows": rows}
+
+    table = compare(result("d0", 100.0, 50.0), result("d1", 300.0, 40.0)).splitlines()
+    assert table[0].startswith("Before: `make bench-scale`, d0 (quiet); after: `make bench-scale`, d1 (quiet)")
+    assert table[4:] == ["| hdf5 phase2 | 10,000 | 100 | 300 | 50 | 40 |", "| hdf5 phase2 | 100,000 | 200 | 600 | 100 | 80 |"]
