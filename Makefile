@@ -33,7 +33,7 @@ STAMP    := $(VENV)/.installed-$(ACCEL_BUILD)-py$(PY_VER)
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench lock dagster dvc-remote clean slurm-up slurm-down gpu-check
+.PHONY: setup demo test test-fast lint bench bench-scale lock dagster dvc-remote clean slurm-up slurm-down gpu-check
 
 setup: $(STAMP)
 
@@ -60,6 +60,9 @@ test-fast: setup  ## unit tests only
 
 bench: setup  ## every benchmark, each figure beside its baseline from the same run: benchmarks/results/results.{json,md}
 	$(VPY) -m benchmarks
+
+bench-scale: setup  ## the data stages and the loader at 10k, 100k, 1M records (~30 min): benchmarks/results/scale.{json,md,png}
+	nice -n 10 $(VPY) -m benchmarks --only scale $(if $(MAX_SIZE),--max-size $(MAX_SIZE))
 
 lint: setup
 	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts benchmarks

@@ -39,6 +39,8 @@ def build_hdf5_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
                 "discarded_by_reason": dg.MetadataValue.json(r.discarded),
                 "image_notes": dg.MetadataValue.json(r.image_notes),
                 "image_start_idx": r.image_start_idx,
+                "images_decoded": r.images_decoded,  # the others' verdicts came from the image checks' cache
+                "images_cached": r.images_cached,
             }
             return settings.record_version(name, dg.MaterializeResult(metadata=metadata))
 

@@ -239,7 +239,9 @@ def venv_env(**extra: str) -> dict[str, str]:
 def timed_process(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> dict:
     """Run a command to the end: wall seconds, exit status and output (stdout and stderr)."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env or venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env or venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     return {"seconds": time.perf_counter() - t0, "returncode": proc.returncode, "output": proc.stdout}
 
 

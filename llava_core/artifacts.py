@@ -13,6 +13,8 @@ from pathlib import Path
 
 # stage 1: data/raw/<source>/
 MANIFEST = "manifest.json"  # every file that arrived (path, bytes, sha256) and the source declaration
+# beside the sources, under the image root: the image checks' cache (ignored by git and DVC; llava_core/data/image_cache.py)
+IMAGE_CHECK_CACHE = "image-check-cache"
 # stage 2: data/jsonl/<dataset>.jsonl and its report
 JSONL_SUFFIX = ".jsonl"
 CONVERT_REPORT_SUFFIX = ".report.json"  # read / written / dropped by reason

@@ -8,16 +8,20 @@ through temporary names and renamed into place.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from llava_core.atomic import json_text, staged
 from llava_core.config import PipelineConfig
 from llava_core.data.converters import CONVERTERS, ConvertInput, Drop, add_suffix  # noqa: F401  (Drop re-exported)
-from llava_core.data.images import ImageRejected, check_image, resolve_image
+from llava_core.data.image_cache import ImageCheckCache, cache_folder
+from llava_core.data.images import ImageChecker, ImageRejected
 from llava_core.data.prompts import placeholder_problem, text_is_valid_unicode
 from llava_core.phases import choose
 
@@ -34,7 +38,18 @@ class ConvertResult:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images: bool = True) -> dict:
+class RecordImages:
+    """The image checks of one conversion: paths inside the source's folder and the image root, and the decode
+    (through the image checks' cache when one is given). Folders are resolved once, not per record."""
+
+    def __init__(self, image_root: Path, image_prefix: str, cache: ImageCheckCache | None = None) -> None:
+        self.root = ImageChecker(image_root, cache=cache)
+        self.source = ImageChecker(image_root / image_prefix if image_prefix else image_root)
+
+
+def validate_record(
+    rec: dict, image_root: Path, image_prefix: str, check_images: bool = True, images: RecordImages | None = None
+) -> dict:
     """Normalise one candidate record to the section-3 shape or raise Drop with the reason."""
     conv = rec.get("conversations")
     if "id" not in rec or not isinstance(conv, list) or not conv:
@@ -60,15 +75,59 @@ def validate_record(rec: dict, image_root: Path, image_prefix: str, check_images
         try:
             # the path must stay inside its own source's folder (no absolute paths, no `..` escapes),
             # and the prefixed path inside the image root
-            resolve_image(image_root / image_prefix if image_prefix else image_root, image)
-            resolve_image(image_root, rel)
+            images = images or RecordImages(image_root, image_prefix)
+            images.source.resolve(image, as_path=False)
             if check_images:
-                check_image(image_root, rel)
+                images.root.check(rel)
+            else:
+                images.root.resolve(rel, as_path=False)
         except ImageRejected as e:
             raise Drop(e.reason) from None
         out["image"] = rel
     out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in conv]
     return out
+
+
+class SeenIds:
+    """The record ids met so far, as 128-bit digests (16 bytes an id, against about 90 for a set of strings), in
+    256 buckets by the digest's first byte, each a sorted array: what a conversion holds grows by little with the
+    records, and merging new digests into a bucket never copies more than that bucket. Two different ids share a
+    digest with a chance of about 1e-27 at a million records."""
+
+    BUCKETS = 256
+
+    def __init__(self, merge_every: int = 64) -> None:
+        self.high = [np.empty(0, dtype=np.uint64) for _ in range(self.BUCKETS)]  # each sorted by (high, low)
+        self.low = [np.empty(0, dtype=np.uint64) for _ in range(self.BUCKETS)]
+        self.recent: list[set[bytes]] = [set() for _ in range(self.BUCKETS)]
+        self.merge_every = merge_every
+
+    def __len__(self) -> int:
+        return sum(len(h) + len(r) for h, r in zip(self.high, self.recent, strict=True))
+
+    def add(self, record_id: str) -> bool:
+        """Remember `record_id`; False when it was met before."""
+        d = hashlib.blake2b(record_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        b = d[0]
+        if d in self.recent[b]:
+            return False
+        high, low = int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+        highs = self.high[b]
+        i = int(np.searchsorted(highs, np.uint64(high)))
+        while i < len(highs) and int(highs[i]) == high:
+            if int(self.low[b][i]) == low:
+                return False
+            i += 1
+        self.recent[b].add(d)
+        if len(self.recent[b]) >= self.merge_every:
+            self._merge(b)
+        return True
+
+    def _merge(self, b: int) -> None:
+        new = np.frombuffer(b"".join(self.recent[b]), dtype="<u8").reshape(-1, 2)
+        high, low = np.concatenate([self.high[b], new[:, 0]]), np.concatenate([self.low[b], new[:, 1]])
+        order = np.lexsort((low, high))
+        self.high[b], self.low[b], self.recent[b] = high[order], low[order], set()
 
 
 def dataset_files(root: Path, file: str, folder_glob: str) -> list[Path]:
@@ -130,17 +189,19 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     read = written = 0
     dropped: Counter[str] = Counter()
-    seen_ids: set[str] = set()
+    seen_ids = SeenIds()
+    image_root = cfg.image_root
+    cache = ImageCheckCache(cache_folder(image_root)) if check_images else None
+    images = RecordImages(image_root, prefix, cache)
     with staged(out_path, tmp, image_tmp), open(tmp, "w", encoding="utf-8") as f:
         for item in conv.fn(inp):
             read += 1
             try:
                 if isinstance(item, Drop):
                     raise item
-                rec = validate_record(item, cfg.image_root, prefix, check_images)
-                if rec["id"] in seen_ids:
+                rec = validate_record(item, image_root, prefix, check_images, images)
+                if not seen_ids.add(rec["id"]):
                     raise Drop("duplicate_id")
-                seen_ids.add(rec["id"])
                 rec["conversations"] = add_suffix(rec["conversations"], options.get("suffix", "none"))
             except Drop as d:
                 dropped[d.reason] += 1
@@ -151,6 +212,8 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
             written += 1
         if not read:
             raise ValueError(f"{', '.join(str(p) for p in files)}: no records found; nothing was converted")
+    if cache is not None:
+        cache.close()
     report_path = cfg.convert_report(dataset)
     report = {
         "dataset": dataset,

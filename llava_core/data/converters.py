@@ -142,9 +142,68 @@ def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict]:
 # --- json -> jsonl: LLaVA-Pretrain, ShareGPT4V-PT, mix665k, ShareGPT4V-SFT ----------------------------------
 def llava_json(inp: ConvertInput) -> Iterator[Item]:
     for path in inp.files:
-        data = _expect(path, load_json(path), list, "a JSON array of records")
-        for item in data:
+        for item in json_array_items(path):
             yield item if isinstance(item, dict) else Drop("not_an_object")
+
+
+READ_CHARS = 1 << 20  # characters read at a time by json_array_items
+MAX_ITEM_CHARS = 1 << 26  # an array element longer than this (64 Mi characters) is not a record: an error
+AFTER_ELEMENT = " \t\r\n,]"  # what may follow an array element in valid JSON
+
+
+def json_array_items(path: Path) -> Iterator[Any]:
+    """The elements of the JSON array in `path`, one at a time: memory is bounded by the longest element, not the
+    file (LLaVA-Pretrain's 558k records are a 180 MB array). Errors name the file as `load_json` does; a file
+    that is not an array is read whole (`_expect` names what it is)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8-sig") as f:
+        buf, pos, eof = "", 0, False
+
+        def more() -> bool:
+            nonlocal buf, pos, eof
+            try:
+                chunk = f.read(READ_CHARS)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def skip_space() -> str:  # the next non-blank character ('' at the end of the file)
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not more():
+                    return buf[pos : pos + 1]
+
+        if skip_space() != "[":
+            _expect(path, load_json(path), list, "a JSON array of records")  # raises, naming what the file holds
+        pos += 1
+        first, count = True, 0
+        while (c := skip_space()) != "]":
+            if not first:
+                if c != ",":
+                    raise ValueError(f"{path}: not valid JSON (expected ',' or ']' after element {count})")
+                pos += 1
+                skip_space()
+            first = False
+            while True:  # an element, read further until it is whole and what follows it is in the buffer
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                    if eof or (end < len(buf) and buf[end] in AFTER_ELEMENT):  # not a number cut short
+                        break
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise ValueError(f"{path}: not valid JSON ({e})") from None
+                if len(buf) - pos > MAX_ITEM_CHARS:
+                    raise ValueError(f"{path}: not valid JSON (an element longer than {MAX_ITEM_CHARS} characters)")
+                more()
+            pos = end
+            count += 1
+            yield item
+        pos += 1
+        if skip_space():
+            raise ValueError(f"{path}: not valid JSON (extra data after the array)")
 
 
 # --- AI2D ---------------------------------------------------------------------------------------------------

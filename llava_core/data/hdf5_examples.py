@@ -1,24 +1,29 @@
-"""The HDF5 writer's unit of work: a range of jsonl lines -> checked, tokenised, packed examples in one file.
+"""The HDF5 writer's unit of work: a range of jsonl lines -> checked, tokenised, packed examples in a spool.
 
 A `TaskRunner` runs in the writer's process or in a worker process (`hdf5_writer`); it needs only the
-`tokenizers` backend, h5py and Pillow, never torch or transformers. Its examples file keeps the input order;
-the writer's shuffle step then reads rows from any of them (docs/formats.md has the layout of a row).
+`tokenizers` backend, h5py and Pillow, never torch or transformers. It appends each task's examples, in input
+order, to its process's spool (`hdf5_shuffle`); the writer's shuffle step then reads rows from every spool
+(docs/formats.md has the layout of a row).
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+import os
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from llava_core.data.hdf5_format import NO_IMAGE, STRING
+from llava_core.data.hdf5_format import NO_IMAGE
+from llava_core.data.hdf5_shuffle import Spool
+from llava_core.data.image_cache import ImageCheckCache
 from llava_core.data.images import ImageChecker, ImageRejected
 from llava_core.data.prompts import (
     PromptError,
@@ -85,14 +90,16 @@ class WriterSpec:
     image_root: str
     tokenizer_json: str | None  # the fast tokenizer's serialised pipeline (workers need no transformers)
     tokenizer_path: str  # used when the tokenizer has no fast (Rust) pipeline
+    image_cache: str | None = None  # the image checks' cache folder (llava_core/data/image_cache.py); None: off
 
 
 @dataclass
 class TaskResult:
-    """One task's examples file and its counts; summed by the parent."""
+    """One task's examples (where they sit in its process's spool) and its counts; summed by the parent."""
 
     task: int
-    file: str | None
+    spool: str | None
+    first_row: int = 0
     examples: int = 0
     processed: int = 0
     discarded: Counter = field(default_factory=Counter)
@@ -106,14 +113,31 @@ class TaskResult:
     max_length: int = 0
     sum_length: int = 0
     suffixes: Counter = field(default_factory=Counter)  # human turns of the examples by the suffix they end with
+    images_checked: int = 0
+    images_decoded: int = 0  # image files decoded (the others' verdicts came from the cache)
+
+
+@dataclass
+class _Prepared:
+    """A task's records parsed and checked (images aside)."""
+
+    res: TaskResult
+    work: str
+    parsed: list[tuple[Segments, str | None, list[str]]]
 
 
 class TaskRunner:
-    """Turns a range of jsonl lines into an examples file: checks, batched tokenisation, packing."""
+    """Turns ranges of jsonl lines into examples in this process's spool: checks, batched tokenisation, packing.
+
+    `run_all` overlaps the steps of consecutive tasks: while one task's conversations are encoded in a thread
+    (most of it the tokenizer's Rust code, which releases the GIL), this thread parses the next task and packs the
+    previous one, and a third thread checks the images (Pillow decodes and hashlib hashes without the GIL)."""
 
     def __init__(self, spec: WriterSpec) -> None:
         self.spec = spec
-        self.images = ImageChecker(Path(spec.image_root), spec.min_image_size)
+        cache = ImageCheckCache(Path(spec.image_cache)) if spec.image_cache else None
+        self.images = ImageChecker(Path(spec.image_root), spec.min_image_size, cache)
+        self.spool: Spool | None = None
         if spec.tokenizer_json is not None:
             from tokenizers import Tokenizer
 
@@ -156,18 +180,7 @@ class TaskRunner:
             return None
         return segments, image, [suffix_name(t["value"]) for t in conv[::2]]
 
-    def _check_images(self, images: list) -> list:
-        """ImageInfo or ImageRejected for each path (runs in a thread: PIL decodes without the GIL)."""
-        out = []
-        for image in images:
-            try:
-                out.append(self.images.check(image))
-            except ImageRejected as e:
-                out.append(e)
-        return out
-
-    def run(self, task: int, source: str, start: int, end: int, out: str) -> TaskResult:
-        s = self.spec
+    def prepare(self, task: int, source: str, start: int, end: int, work: str) -> _Prepared:
         res = TaskResult(task, None)
         parsed: list[tuple[Segments, str | None, list[str]]] = []
         with open(source, "rb") as f:
@@ -180,15 +193,42 @@ class TaskRunner:
             r = self._record(raw, res)
             if r is not None:
                 parsed.append(r)
-        # The images are checked (full decode) in a thread while the tokenizer's Rust backend, which releases the
-        # GIL, encodes every conversation; a record whose image is rejected is then dropped with its tokens.
-        with ThreadPoolExecutor(1, thread_name_prefix="image-checks") as checker:
-            checks = checker.submit(self._check_images, [image for _, image, _ in parsed if image is not None])
-            segments = [seg for seg, _, _ in parsed]
-            encoded = encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
-            infos = iter(checks.result())
+        return _Prepared(res, work, parsed)
+
+    def run_all(self, tasks: Iterable[tuple]) -> Iterator[TaskResult]:
+        """Each task's result, in order; one task is encoded while the one before it is finished."""
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as tokenizer,
+            ThreadPoolExecutor(1, thread_name_prefix="image-checks") as checker,
+        ):
+            ahead: deque = deque()
+            for task in tasks:
+                p = self.prepare(*task)
+                images = [image for _, image, _ in p.parsed if image is not None]
+                ahead.append((p, tokenizer.submit(self._encode, p), checker.submit(self._checks, images)))
+                if len(ahead) > 1:
+                    yield self.finish(*ahead.popleft())
+            while ahead:
+                yield self.finish(*ahead.popleft())
+
+    def _encode(self, p: _Prepared) -> list:
+        s = self.spec
+        segments = [seg for seg, _, _ in p.parsed]
+        return encode_segments_batch(segments, self.encode_batch, s.bos_id, s.eos_id, s.num_patches, s.pad_id)
+
+    def _checks(self, images: list[str]) -> tuple[list, int]:
+        before = self.images.decoded
+        return self.images.check_many(images), self.images.decoded - before
+
+    def finish(self, p: _Prepared, encoded: Future, checked: Future) -> TaskResult:
+        """Assemble the encoded conversations, drop the rejected ones (counted), pack and spool the rest."""
+        s, res = self.spec, p.res
+        conversations = encoded.result()
+        checks, res.images_decoded = checked.result()
+        res.images_checked = len(checks)
+        infos = iter(checks)
         rows, paths = [], []
-        for (_, image, suffixes), enc in zip(parsed, encoded, strict=True):
+        for (_, image, suffixes), enc in zip(p.parsed, conversations, strict=True):
             if image is not None:
                 info = next(infos)
                 if isinstance(info, ImageRejected):
@@ -205,10 +245,12 @@ class TaskRunner:
             res.suffixes.update(suffixes)
             rows.append((enc.input_ids, enc.loss_mask, image is not None))
             paths.append(image.encode("utf-8") if image is not None else NO_IMAGE)
-        if not rows:
-            return res
-        if len(res.image_starts) != 1:  # packing needs one start; the parent reports several as an error
-            return res
+        if rows and len(res.image_starts) == 1:  # packing needs one start; the parent reports several as an error
+            self._spool_rows(res, rows, paths, p.work)
+        return res
+
+    def _spool_rows(self, res: TaskResult, rows: list, paths: list[bytes], work: str) -> None:
+        s = self.spec
         data = pack_examples(rows, s.msl, s.pad_id, next(iter(res.image_starts)), s.num_patches)
         lengths = np.array([len(r[0]) - 1 for r in rows])  # the inputs of each row (its tokens but the last)
         res.examples = len(rows)
@@ -217,25 +259,53 @@ class TaskRunner:
         res.loss_valid_tokens = int(data[:, 1].sum())
         res.max_token_id = int(data[:, 0].max())
         res.min_length, res.max_length, res.sum_length = int(lengths.min()), int(lengths.max()), int(lengths.sum())
-        with h5_file(out) as h5:  # contiguous: the shuffle step reads rows in any order
-            h5.attrs["n_examples"] = len(rows)
-            h5.create_dataset("data", data=data)
-            h5.create_dataset("img_path", data=np.array([[p] for p in paths], dtype=object), dtype=STRING)
-        res.file = out
-        return res
+        if self.spool is None or not self.spool.name.startswith(work):  # one spool per process and run
+            self.spool = Spool(Path(work), s.msl)
+        res.first_row = self.spool.append(data, paths)
+        res.spool = self.spool.name
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+        if self.images.cache is not None:
+            self.images.cache.close()
 
 
-@contextmanager
-def h5_file(path: str) -> Iterator[h5py.File]:
-    """A new HDF5 file built in memory, then written to `path` by Python in one call.
+# --- worker processes (the writer's pool; this module only: a worker imports no config, no transformers) --
+_RUNNER: TaskRunner | None = None  # one per worker process
 
-    HDF5's own writes on a full disk do not fail cleanly: a chunked dataset's write error is swallowed when the
-    file closes (a truncated file and no exception) or crashes the process. Python's write raises ENOSPC. The
-    bytes equal those of a file written directly.
-    """
-    with h5py.File(f"{path}.mem", "w", driver="core", backing_store=False) as h5:
-        yield h5
-        h5.flush()
-        image = h5.id.get_file_image()
-    with open(path, "wb") as f:
-        f.write(image)
+
+def _die_with_parent(parent: int) -> None:
+    """A worker exits as soon as the writer that started it dies, killed or not: it must never write on into a
+    work folder that the next run (or a test's cleanup) is removing. On Linux the kernel sends SIGKILL at once
+    (PR_SET_PDEATHSIG); elsewhere, and as a fallback, a thread looks at the parent every 0.2 s."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def init_worker(spec: WriterSpec, parent: int) -> None:
+    """A writer worker process's start: one core for the tokenizer, exit with the parent, one runner."""
+    global _RUNNER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    _die_with_parent(parent)
+    _RUNNER = TaskRunner(spec)
+
+
+def run_task(args: tuple) -> TaskResult:
+    """One task in a worker process (`TaskRunner.run_all` of one task: its images checked while it encodes)."""
+    assert _RUNNER is not None
+    (result,) = _RUNNER.run_all([args])
+    return result

@@ -26,6 +26,11 @@ STRING = h5py.string_dtype(encoding="utf-8")
 BLOCK = 4096  # rows read at once: 4096 x 4 x MSL int32 (128 MiB at MSL 2048)
 
 
+def shard_name(chunk: int) -> str:
+    """The name of the folder's `chunk`-th file."""
+    return f"data-{chunk:05d}.h5"
+
+
 def image_path(raw: bytes | str) -> str | None:
     """An `img_path` cell as a relative path, or None for a text-only example."""
     value = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)

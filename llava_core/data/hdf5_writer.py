@@ -9,40 +9,41 @@ The loss mask is aligned with `labels`: position t is supervised when labels[t] 
 `</s>` closing an answer).
 
 Two steps, both spread over `hdf5.<phase>.num_workers` processes:
-1. the jsonl records are cut into tasks of consecutive lines; each task checks the images, tokenises its
-   conversations in one batched call and writes `examples_<task>_<proc>.h5` (input order);
-2. a seeded permutation of all examples (across every task) is cut into `shard_size` pieces, each written
-   as one `data-<chunk>.h5`.
+1. the jsonl records are cut into tasks of consecutive lines; each task checks the images (decoding only files
+   the image checks' cache does not know: `image_cache`), tokenises its conversations in one batched call and
+   appends its examples to its process's spool (`hdf5_shuffle`);
+2. a seeded permutation of all examples (in input order, across every task) is cut into `shard_size` pieces,
+   each written as one `data-<chunk>.h5` from the spools.
 What a file holds depends only on the inputs, the settings and the seed, so any number of processes gives
-byte-identical files. Everything is written inside a temporary folder renamed into place at the end.
+byte-identical files. Memory is bounded by the task and shard sizes and the number of processes (plus 8 bytes
+per example for the permutation). Everything is written inside a temporary folder renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
 import shutil
-import sys
-import threading
-import time
 import uuid
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import h5py
-import numpy as np
 
 from llava_core.artifacts import DATA_PARAMS
 from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.config import PipelineConfig
-from llava_core.data.hdf5_examples import TaskResult, TaskRunner, WriterSpec, h5_file
-from llava_core.data.hdf5_format import STRING
+from llava_core.data.hdf5_examples import TaskResult, TaskRunner, WriterSpec, init_worker, run_task
+from llava_core.data.hdf5_format import shard_name
+from llava_core.data.hdf5_shuffle import Layout, shard_jobs, write_shard
+from llava_core.data.image_cache import cache_folder
 from llava_core.data.prompts import PROMPT_SUFFIXES
 from llava_core.phases import get_phase
 
+log = logging.getLogger(__name__)
 MAX_RECORDS_PER_TASK = 1024  # bounds a task's memory: 1024 x 4 x MSL int32 (32 MiB at MSL 2048)
 
 
@@ -56,63 +57,8 @@ class Hdf5Result:
     image_start_idx: int = 0
     image_notes: dict[str, int] = field(default_factory=dict)
     files: int = 0
-
-
-_RUNNER: TaskRunner | None = None  # one per worker process
-
-
-def _die_with_parent(parent: int) -> None:
-    """A worker exits as soon as the writer that started it dies, killed or not: it must never write on into a
-    work folder that the next run (or a test's cleanup) is removing. On Linux the kernel sends SIGKILL at once
-    (PR_SET_PDEATHSIG); elsewhere, and as a fallback, a thread looks at the parent every 0.2 s."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _init_worker(spec: WriterSpec, parent: int) -> None:
-    global _RUNNER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
-    _die_with_parent(parent)
-    _RUNNER = TaskRunner(spec)
-
-
-def _run_task(args: tuple) -> TaskResult:
-    assert _RUNNER is not None
-    return _RUNNER.run(*args)
-
-
-def write_shard(out: str, sources: list[tuple[str, list[int], list[int]]], n: int, msl: int) -> None:
-    """Write one output file: `sources` = (examples file, its rows, their positions in this file)."""
-    data = np.empty((n, 4, msl), dtype=np.int32)
-    paths = np.empty((n, 1), dtype=object)
-    for file, rows, positions in sources:
-        order = np.argsort(rows)
-        rows_sorted = np.asarray(rows)[order]
-        pos_sorted = np.asarray(positions)[order]
-        with h5py.File(file, "r") as h5:
-            data[pos_sorted] = h5["data"][rows_sorted]  # h5py reads increasing row lists
-            paths[pos_sorted] = h5["img_path"][rows_sorted]
-    with h5_file(out) as h5:
-        h5.attrs["n_examples"] = n
-        h5.create_dataset("data", data=data, dtype="int32", chunks=(1, 4, msl))
-        h5.create_dataset("img_path", data=paths, dtype=STRING)
-
-
-def _write_shard(args: tuple) -> None:
-    write_shard(*args)
+    images_decoded: int = 0  # image files this run decoded
+    images_cached: int = 0  # image checks answered by the image checks' cache (no decode)
 
 
 def line_ranges(path: Path, records_per_task: int) -> list[tuple[int, int]]:
@@ -149,9 +95,11 @@ class _Pool:
             self.executor = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
+                initializer=init_worker,
                 initargs=(self.spec, os.getpid()),
             )
+            for _ in range(self.workers):  # start them now: they import while this process reads the inputs
+                self.executor.submit(os.getpid)
         else:
             self.runner = TaskRunner(self.spec)
         return self
@@ -159,19 +107,32 @@ class _Pool:
     def __exit__(self, *exc) -> None:
         if self.executor is not None:
             self.executor.shutdown(cancel_futures=True)
+        if self.runner is not None:
+            self.runner.close()
 
     def tasks(self, tasks: list[tuple]) -> list[TaskResult]:
         if self.executor is not None:
-            return list(self.executor.map(_run_task, tasks))
+            return list(self.executor.map(run_task, tasks))
         assert self.runner is not None
-        return [self.runner.run(*t) for t in tasks]
+        results = list(self.runner.run_all(tasks))
+        self.runner.close()  # the spool complete on disk before the shuffle reads it
+        return results
 
-    def shards(self, shards: list[tuple]) -> None:
-        if self.executor is not None:
-            list(self.executor.map(_write_shard, shards))
-        else:
-            for s in shards:
-                write_shard(*s)
+    def shards(self, jobs: Iterator[tuple]) -> None:
+        """Write every shard; at most two jobs per process wait at a time (a job holds its shard's row list)."""
+        if self.executor is None:
+            for job in jobs:
+                write_shard(*job)
+            return
+        pending: set = set()
+        for job in jobs:
+            if len(pending) >= 2 * self.workers:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    f.result()
+            pending.add(self.executor.submit(write_shard, *job))
+        for f in pending:
+            f.result()
 
 
 def _writer_spec(cfg: PipelineConfig, phase: str):
@@ -203,6 +164,7 @@ def _writer_spec(cfg: PipelineConfig, phase: str):
         image_root=str(cfg.image_root),
         tokenizer_json=backend.to_str() if backend is not None else None,
         tokenizer_path=tok_path,
+        image_cache=str(cache_folder(cfg.image_root)),
     )
     return spec, tok, image_size, patch
 
@@ -219,34 +181,14 @@ def _inputs(cfg: PipelineConfig, phase: str) -> list[Path]:
 
 
 def _tasks(inputs: list[Path], work: Path, num_workers: int) -> list[tuple]:
-    """Ranges of consecutive lines (at most MAX_RECORDS_PER_TASK, about 4 tasks per worker) with their output."""
+    """Ranges of consecutive lines (at most MAX_RECORDS_PER_TASK, about 4 tasks per worker) and the work folder."""
     n_records = sum(count_records(p) for p in inputs)
     per_task = max(1, min(MAX_RECORDS_PER_TASK, math.ceil(n_records / (4 * num_workers))))
     tasks = []
     for path in inputs:
         for start, end in line_ranges(path, per_task):
-            k = len(tasks)
-            tasks.append((k, str(path), start, end, str(work / f"examples_{k:05d}_{os.getpid()}.h5")))
+            tasks.append((len(tasks), str(path), start, end, str(work)))
     return tasks
-
-
-def _shuffled_shards(total: _Totals, seed: int, shard_size: int, tmp: Path, msl: int) -> tuple[list, list]:
-    """One seeded permutation of every example, cut into `shard_size` pieces: the write jobs and the file list."""
-    order = np.random.default_rng(seed).permutation(total.examples)
-    owner = np.searchsorted(total.offsets, order, side="right") - 1  # which examples file holds each
-    shards, files = [], []
-    for chunk, begin in enumerate(range(0, total.examples, shard_size)):
-        sel = order[begin : begin + shard_size]
-        own = owner[begin : begin + shard_size]
-        sources = []
-        for r in np.unique(own):
-            where = np.nonzero(own == r)[0]
-            rows = (sel[where] - total.offsets[r]).tolist()
-            sources.append((total.files[r], rows, where.tolist()))
-        name = f"data-{chunk:05d}.h5"
-        shards.append((str(tmp / name), sources, len(sel), msl))
-        files.append({"file": name, "n_examples": len(sel)})
-    return shards, files
 
 
 def _data_params(cfg: PipelineConfig, phase: str, spec: WriterSpec, tok, geometry: tuple, total, files) -> dict:
@@ -297,9 +239,9 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
     # a run-specific folder: the workers of a killed run cannot write into the next run's folder
     work = tmp / f".examples-{uuid.uuid4().hex}"
     work.mkdir()
-    tasks = _tasks(inputs, work, hc.num_workers)
     with staged(out, tmp):  # a failed run leaves no temporary files (a killed one's: the next run removes them)
         with _Pool(spec, hc.num_workers) as pool:
+            tasks = _tasks(inputs, work, hc.num_workers)  # (the workers start meanwhile)
             total = _Totals(pool.tasks(tasks), inputs, tasks)
             if len(total.image_starts) > 1:
                 raise AssertionError(
@@ -309,15 +251,17 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
                 raise ValueError(
                     f"{phase}: no example survived ({dict(total.discarded)}) out of {total.processed} records"
                 )
-            shards, files = _shuffled_shards(total, cfg.seed, hc.shard_size, tmp, spec.msl)
-            pool.shards(shards)
+            pool.shards(shard_jobs(Layout.of(total.placements), cfg.seed, hc.shard_size, tmp, spec.msl))
+            files = total.files(hc.shard_size)
         shutil.rmtree(work)
         params = _data_params(cfg, phase, spec, tok, (image_size, patch), total, files)
         write_json_atomic(tmp / DATA_PARAMS, params)
     replace_dir(tmp, out)
     start = params["image_patch_info"]["image_patch_start_idx"]
     discarded, notes = dict(total.discarded), dict(total.image_notes)
-    return Hdf5Result(phase, out, total.examples, total.processed, discarded, start, notes, len(files))
+    cached = total.images_checked - total.images_decoded
+    return Hdf5Result(phase, out, total.examples, total.processed, discarded, start, notes, len(files),
+                      total.images_decoded, cached)  # fmt: skip
 
 
 class _Totals:
@@ -339,9 +283,17 @@ class _Totals:
         self.processed = sum(r.processed for r in results)
         self.examples = sum(r.examples for r in kept)
         self.text_only = sum(r.text_only for r in kept)
-        self.files = [r.file for r in kept]
-        self.offsets = np.cumsum([0] + [r.examples for r in kept])
+        self.placements = [(r.spool, r.first_row, r.examples) for r in kept]
+        self.images_checked = sum(r.images_checked for r in results)
+        self.images_decoded = sum(r.images_decoded for r in results)
         self.kept = kept
+
+    def files(self, shard_size: int) -> list[dict]:
+        """The shards `shard_jobs` writes: `shard_size` examples each, the last the rest."""
+        return [
+            {"file": shard_name(chunk), "n_examples": min(shard_size, self.examples - begin)}
+            for chunk, begin in enumerate(range(0, self.examples, shard_size))
+        ]
 
     def token_stats(self, msl: int) -> dict:
         k = self.kept

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llava_core.data.image_cache import Decoded, ImageCheckCache, digest
+
 if TYPE_CHECKING:  # torch is imported when a transform runs: the data stages never need it
     import torch
 
@@ -53,20 +55,25 @@ class ImageInfo:
 
 
 class ImageChecker:
-    """Checks image paths relative to one image root; the root and folders are resolved once (many files)."""
+    """Checks image paths relative to one image root; the root and folders are resolved once (many files).
 
-    def __init__(self, image_root: Path, min_size: int = 1) -> None:
+    With a `cache` (llava_core/data/image_cache.py) a file whose bytes were decoded before, by any process, is not
+    decoded again: its digest finds the verdict."""
+
+    def __init__(self, image_root: Path, min_size: int = 1, cache: ImageCheckCache | None = None) -> None:
         self.root = Path(image_root).resolve()
         self._root = str(self.root)
         self.min_size = min_size
+        self.cache = cache
+        self.decoded = 0  # files this checker decoded (the others came from the cache)
         self._real_dirs: dict[str, str] = {}
 
     def _inside(self, real: str) -> bool:
         return real == self._root or real.startswith(self._root + os.sep)
 
-    def resolve(self, rel: str) -> Path:
+    def resolve(self, rel: str, as_path: bool = True) -> Path | str:
         """The file for `rel`; absolute paths, `..` and links leaving the root are rejected."""
-        return Path(self._resolve(rel))
+        return Path(self._resolve(rel)) if as_path else self._resolve(rel)
 
     def _resolve(self, rel: str) -> str:
         if not isinstance(rel, str) or not rel:
@@ -85,30 +92,77 @@ class ImageChecker:
             raise ImageRejected("image_path_outside_root", rel)
         return path
 
-    def check(self, rel: str) -> ImageInfo:
-        """Resolve, open and fully decode; reject missing, undecodable, oversized or too small files."""
+    def _existing(self, rel: str) -> str:
         path = self._resolve(rel)
         if not os.path.isfile(path):
             raise ImageRejected("image_missing", rel)
+        return path
+
+    def check(self, rel: str) -> ImageInfo:
+        """Resolve, open and fully decode (or find the verdict in the cache); reject missing, undecodable,
+        oversized or too small files."""
+        path = self._existing(rel)
+        if self.cache is None:
+            return self._verdict(rel, path, self._decode(path))
+        key = digest(path)
+        found = self.cache.get_one(key)
+        if found is None:
+            found = self._decode(path)
+            self.cache.put({key: found}, flush=False)
+        return self._verdict(rel, path, found)
+
+    def check_many(self, rels: list[str]) -> list[ImageInfo | ImageRejected]:
+        """`check` for many paths, the cache read and written once: an ImageInfo or the ImageRejected for each."""
+        out: list[ImageInfo | ImageRejected | None] = [None] * len(rels)
+        paths: dict[int, str] = {}
+        for i, rel in enumerate(rels):
+            try:
+                paths[i] = self._existing(rel)
+            except ImageRejected as e:
+                out[i] = e
+        keys = {i: digest(p) for i, p in paths.items()} if self.cache is not None else {}
+        known = self.cache.get(list(keys.values())) if self.cache is not None else {}
+        new: dict[bytes, Decoded] = {}
+        for i, path in paths.items():
+            key = keys.get(i)
+            found = None if key is None else known.get(key, new.get(key))
+            if found is None:
+                found = self._decode(path)
+                if key is not None:
+                    new[key] = found
+            try:
+                out[i] = self._verdict(rels[i], path, found)
+            except ImageRejected as e:
+                out[i] = e
+        if new and self.cache is not None:
+            self.cache.put(new)
+        return out  # type: ignore[return-value]
+
+    def _decode(self, path: str) -> Decoded:
+        """Open and decode the whole file: truncated files fail here, not hours into training."""
+        self.decoded += 1
         try:
             with Image.open(path) as im:
-                im.load()  # decodes fully: truncated files fail here, not hours into training
-                w, h = im.size
-                fmt = im.format
-                frames = getattr(im, "n_frames", 1)
+                im.load()
+                return Decoded(im.format, im.size[0], im.size[1], getattr(im, "n_frames", 1))
         except Image.DecompressionBombError as e:
-            raise ImageRejected("image_too_large", f"{rel}: {e}") from None
+            return Decoded(reason="image_too_large", detail=str(e))
         except UNDECODABLE as e:
-            raise ImageRejected("image_undecodable", f"{rel}: {e}") from None
+            return Decoded(reason="image_undecodable", detail=str(e))
+
+    def _verdict(self, rel: str, path: str, d: Decoded) -> ImageInfo:
+        if d.reason is not None:
+            raise ImageRejected(d.reason, f"{rel}: {d.detail}")
+        w, h = d.width, d.height
         if min(w, h) < self.min_size:
             raise ImageRejected("image_too_small", f"{rel}: {w}x{h} < {self.min_size}")
         notes = []
         claimed = EXTENSION_FORMATS.get(os.path.splitext(rel)[1].lower())  # what the record claims
-        if claimed is not None and fmt != claimed:
+        if claimed is not None and d.format != claimed:
             notes.append(FORMAT_MISMATCH)
-        if frames > 1:
+        if d.frames > 1:
             notes.append(ANIMATED)
-        return ImageInfo(Path(path), fmt, (w, h), tuple(notes))
+        return ImageInfo(Path(path), d.format, (w, h), tuple(notes))
 
 
 def resolve_image(image_root: Path, rel: str) -> Path:

@@ -1,10 +1,12 @@
 """The data gate before training: Great Expectations suites over a phase's jsonl records and its HDF5 examples.
 
-Each suite runs on a pandas frame with one row per record (jsonl) or per example (HDF5), in an ephemeral
-Great Expectations context (nothing is written to a `great_expectations/` folder). The results, without
-timestamps or random ids (the same data gives the same file), go to `data/hdf5/<phase>.validation.json`,
-beside the phase's HDF5 folder. Dagster runs `validate_phase` as blocking asset checks of `hdf5_<phase>`,
-DVC as the `validate_<phase>` stage that the training stage depends on; either way a failure stops training.
+Each suite sees pandas frames with one row per record (jsonl) or per example (HDF5), at most `CHUNK_ROWS` rows
+at a time (`ChunkedSuite`: the same expectations and the same results as on one frame of every row, in memory
+bounded by the chunk, not the data), in an ephemeral Great Expectations context (nothing is written to a
+`great_expectations/` folder). The results, without timestamps or random ids (the same data gives the same
+file), go to `data/hdf5/<phase>.validation.json`, beside the phase's HDF5 folder. Dagster runs `validate_phase`
+as blocking asset checks of `hdf5_<phase>`, DVC as the `validate_<phase>` stage that the training stage depends
+on; either way a failure stops training.
 """
 
 from __future__ import annotations
@@ -13,31 +15,23 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from llava_core.artifacts import DATA_PARAMS
-from llava_core.atomic import write_json_atomic
+from llava_core.atomic import partial_dir, write_json_atomic
 from llava_core.config import PipelineConfig
-from llava_core.data.hdf5_format import Hdf5Folder
+from llava_core.data.chunked_suite import CHUNK_ROWS, ChunkedSuite, SuiteResult, chunks, partitioned
+from llava_core.data.hdf5_format import Hdf5Folder, read_data_params
+from llava_core.data.hdf5_writer import count_records
 from llava_core.data.images import ImageChecker, ImageRejected
 from llava_core.data.prompts import PromptError, conversation_segments, placeholder_problem
 from llava_core.phases import get_phase
-
-EXAMPLES_SHOWN = 5  # failing rows named per expectation in the summary
-
-
-@dataclass
-class SuiteResult:
-    name: str
-    success: bool
-    evaluated: int
-    failed: int
-    rows: int
-    expectations: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -82,20 +76,24 @@ def describe(e: dict) -> str:
 # --- frames -------------------------------------------------------------------------------------------------
 
 
-def jsonl_frame(cfg: PipelineConfig, phase: str) -> pd.DataFrame:
+def jsonl_rows(cfg: PipelineConfig, phase: str) -> Iterator[dict]:
     """One row per jsonl record of the phase: parse, structure, placeholder and image-path facts."""
     style = cfg.hdf5[phase].prompt_style
     images = ImageChecker(cfg.image_root)
-    rows = []
-    for dataset in cfg.datasets_for(phase):
-        path = cfg.jsonl_path(dataset)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the conversion stage first")
+    for dataset, path in zip(cfg.datasets_for(phase), _jsonl_paths(cfg, phase), strict=True):
         with open(path, "rb") as f:  # a line that is not UTF-8 is a row that does not parse, not a crash
             for n, line in enumerate(f, start=1):
                 if line.strip():
-                    rows.append(_jsonl_row(f"{path.name}:{n}", dataset, line, style, images))
-    return pd.DataFrame(rows, columns=JSONL_COLUMNS)
+                    yield _jsonl_row(f"{path.name}:{n}", dataset, line, style, images)
+
+
+def _jsonl_paths(cfg: PipelineConfig, phase: str) -> list[Path]:
+    """The phase's jsonl files, which must exist."""
+    paths = [cfg.jsonl_path(d) for d in cfg.datasets_for(phase)]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run the conversion stage first")
+    return paths
 
 
 JSONL_COLUMNS = [
@@ -137,7 +135,7 @@ def _jsonl_row(where: str, dataset: str, line: bytes, style: str, images: ImageC
 
 def _resolvable(images: ImageChecker, rel) -> bool:
     try:
-        return os.path.isfile(images.resolve(rel))
+        return os.path.isfile(images.resolve(rel, as_path=False))
     except ImageRejected:
         return False
 
@@ -159,14 +157,13 @@ HDF5_COLUMNS = [
 ]
 
 
-def hdf5_frame(folder: Path, image_root: Path) -> tuple[pd.DataFrame, dict]:
-    """One row per written example, computed from the files block by block (and `data_params.json`)."""
+def hdf5_frames(folder: Path, image_root: Path) -> Iterator[pd.DataFrame]:
+    """One row per written example, a frame per block of rows read (index: the example's number)."""
     data = Hdf5Folder(folder)
     params = data.params
     s, e = data.image_start, data.image_start + data.num_patches
     pad, bos, eos = params["pad_id"], params["bos_id"], params["eos_id"]
     images = ImageChecker(image_root)
-    parts = []
     for block in data.blocks():
         ids, loss, labels, kpm = (block.data[:, r] for r in range(4))  # each (b, MSL)
         n, msl = ids.shape
@@ -184,28 +181,32 @@ def hdf5_frame(folder: Path, image_root: Path) -> tuple[pd.DataFrame, dict]:
         padded = np.where(inside, True, (labels == pad) & (ids == pad))
         slots_kpm = kpm[:, s:e]
         resolvable = [(p is None) or _resolvable(images, p) for p in block.paths]
-        parts.append(
-            pd.DataFrame(
-                {
-                    "where": [f"{block.file}[{block.start + i}]" for i in range(n)],
-                    "has_image": has_image,
-                    "seq_len": seq_len,
-                    "min_token_id": ids.min(1),
-                    "max_token_id": np.maximum(ids.max(1), labels.max(1)),
-                    "loss_tokens": loss.sum(1),
-                    "loss_outside_answers": (loss * outside).sum(1),
-                    "labels_are_shifted_inputs": shifted.all(1) & padded.all(1),
-                    "first_is_bos": ids[:, 0] == bos,
-                    "ends_with_eos": labels[np.arange(n), last] == eos,
-                    "image_slots_are_pad": (ids[:, s:e] == pad).all(1),
-                    "slot_padding_mask_ok": np.where(has_image, (slots_kpm == 0).all(1), (slots_kpm == 1).all(1)),
-                    "image_path_resolvable": resolvable,
-                },
-                columns=HDF5_COLUMNS,
-            )
+        yield pd.DataFrame(
+            {
+                "where": [f"{block.file}[{block.start + i}]" for i in range(n)],
+                "has_image": has_image,
+                "seq_len": seq_len,
+                "min_token_id": ids.min(1),
+                "max_token_id": np.maximum(ids.max(1), labels.max(1)),
+                "loss_tokens": loss.sum(1),
+                "loss_outside_answers": (loss * outside).sum(1),
+                "labels_are_shifted_inputs": shifted.all(1) & padded.all(1),
+                "first_is_bos": ids[:, 0] == bos,
+                "ends_with_eos": labels[np.arange(n), last] == eos,
+                "image_slots_are_pad": (ids[:, s:e] == pad).all(1),
+                "slot_padding_mask_ok": np.where(has_image, (slots_kpm == 0).all(1), (slots_kpm == 1).all(1)),
+                "image_path_resolvable": resolvable,
+            },
+            columns=HDF5_COLUMNS,
+            index=pd.RangeIndex(block.index, block.index + n),
         )
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=HDF5_COLUMNS)
-    return frame, params
+
+
+def hdf5_frame(folder: Path, image_root: Path) -> tuple[pd.DataFrame, dict]:
+    """Every example's row in one frame (small folders, tests), and `data_params.json`."""
+    parts = list(hdf5_frames(folder, image_root))
+    frame = pd.concat(parts) if parts else pd.DataFrame(columns=HDF5_COLUMNS)
+    return frame, read_data_params(folder)
 
 
 # --- suites -------------------------------------------------------------------------------------------------
@@ -253,70 +254,13 @@ def hdf5_expectations(params: dict, max_discarded_fraction: float) -> list:
     ]
 
 
-def run_suite(name: str, frame: pd.DataFrame, expectations: list) -> SuiteResult:
-    """Validate `frame` against `expectations` in an ephemeral context; failing rows named by `where`."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-
-    config = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(),
-        analytics_enabled=False,
-        progress_bars=ProgressBarsConfig(globally=False),
-    )
-    context = gx.get_context(mode="ephemeral", project_config=config)
-    batch_def = (
-        context.data_sources.add_pandas(name)
-        .add_dataframe_asset(f"{name}_rows")
-        .add_batch_definition_whole_dataframe("all_rows")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name=f"{name}_suite"))
-    for exp in expectations:
-        suite.add_expectation(exp)
-    frame = frame.reset_index(drop=True)
-    result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(
-        suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES_SHOWN}
-    )
-    out = [_expectation_record(r, frame) for r in result.results]
-    failed = sum(not e["success"] for e in out)
-    return SuiteResult(name, bool(result.success), len(out), failed, len(frame), out)
-
-
-def _expectation_record(r, frame: pd.DataFrame) -> dict:
-    cfg = r.expectation_config
-    kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
-    rec = {"expectation": cfg.type, "kwargs": kwargs, "success": bool(r.success)}
-    res = r.result or {}
-    if "unexpected_count" in res:
-        rec["unexpected_count"] = int(res["unexpected_count"])
-        rec["element_count"] = int(res.get("element_count", len(frame)))
-        index = res.get("partial_unexpected_index_list") or []
-        rec["examples"] = [str(frame.at[i, "where"]) for i in index[:EXAMPLES_SHOWN] if isinstance(i, int)]
-        if not rec["examples"] and not r.success:  # some versions give no indices: find the rows again
-            rec["examples"] = _failing_rows(frame, kwargs)
-    if "observed_value" in res:
-        rec["observed_value"] = res["observed_value"]
-    if r.exception_info and r.exception_info.get("raised_exception"):
-        rec["error"] = str(r.exception_info.get("exception_message"))
-    return rec
-
-
-def _failing_rows(frame: pd.DataFrame, kwargs: dict) -> list[str]:
-    col = kwargs.get("column")
-    if col not in frame:
-        return []
-    values = frame[col]
-    bad = pd.Series(False, index=frame.index)
-    if "value_set" in kwargs:
-        bad |= ~values.isin(kwargs["value_set"])
-    if kwargs.get("min_value") is not None:
-        bad |= values < kwargs["min_value"]
-    if kwargs.get("max_value") is not None:
-        bad |= values > kwargs["max_value"]
-    return [str(w) for w in frame.loc[bad, "where"].head(EXAMPLES_SHOWN)]
+def run_suite(name: str, frames: Iterable[pd.DataFrame], expectations: list, columns: list[str]) -> SuiteResult:
+    """Validate the rows of `frames` (chunks of one table, index: the row numbers) against `expectations` in an
+    ephemeral context; failing rows named by `where`."""
+    suite = ChunkedSuite(name, expectations, columns)
+    for frame in frames:
+        suite.add(frame)
+    return suite.result()
 
 
 class ValidationFailed(RuntimeError):
@@ -330,21 +274,31 @@ def _relative(path: Path, base: Path) -> str:
         return str(path)
 
 
-def validate_phase(cfg: PipelineConfig, phase: str) -> ValidationResult:
-    """Run both suites on a built phase and write `data/hdf5/<phase>.validation.json`."""
+def validate_phase(cfg: PipelineConfig, phase: str, chunk_rows: int = CHUNK_ROWS) -> ValidationResult:
+    """Run both suites on a built phase, `chunk_rows` rows at a time, and write `data/hdf5/<phase>.validation.json`."""
     folder = cfg.hdf5_dir(get_phase(phase).name)
     params_file = folder / DATA_PARAMS
     if not params_file.is_file():
         raise FileNotFoundError(f"{params_file} not found: run `llava-pipeline hdf5 {phase}` first")
-    hdf5_rows, params = hdf5_frame(folder, cfg.image_root)
-    suites = {
-        "jsonl": run_suite(f"jsonl_{phase}", jsonl_frame(cfg, phase), jsonl_expectations(phase)),
-        "hdf5": run_suite(
-            f"hdf5_{phase}", hdf5_rows, hdf5_expectations(params, cfg.hdf5[phase].max_discarded_fraction)
-        ),
-    }
-    success = all(s.success for s in suites.values())
+    params = read_data_params(folder)
     path = cfg.validation_path(phase)
+    spill = partial_dir(path)  # the jsonl rows' partitions wait here (a killed run's: removed by the next)
+    try:
+        records = sum(count_records(p) for p in _jsonl_paths(cfg, phase))
+        jsonl = partitioned(jsonl_rows(cfg, phase), records, "key", JSONL_COLUMNS, spill, chunk_rows)
+        hdf5 = chunks(hdf5_frames(folder, cfg.image_root), chunk_rows)
+        suites = {
+            "jsonl": run_suite(f"jsonl_{phase}", jsonl, jsonl_expectations(phase), JSONL_COLUMNS),
+            "hdf5": run_suite(
+                f"hdf5_{phase}",
+                hdf5,
+                hdf5_expectations(params, cfg.hdf5[phase].max_discarded_fraction),
+                HDF5_COLUMNS,
+            ),
+        }
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+    success = all(s.success for s in suites.values())
     write_json_atomic(
         path,
         {
