@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_core.artifacts import TRAIN_SUMMARY
+from llava_core.artifacts import RUN_STATS, TRAIN_SUMMARY
 from llava_core.atomic import write_json_atomic
 from llava_core.config import PipelineConfig
 from llava_core.phases import get_phase
@@ -52,9 +52,11 @@ def launch_env() -> dict[str, str]:
 
 
 def finished(cfg: PipelineConfig, phase: str) -> TrainResult:
-    """The result of a completed phase, read from its checkpoint folder."""
+    """The result of a completed phase, read from its checkpoint folder (the summary with the run's figures)."""
     out = cfg.checkpoint_dir(phase)
     summary = json.loads((out / TRAIN_SUMMARY).read_text())
+    if (out / RUN_STATS).is_file():
+        summary.update(json.loads((out / RUN_STATS).read_text()))
     (out.parent / f".{phase}.launch.json").unlink(missing_ok=True)
     return TrainResult(phase, out, summary["steps"], summary["final_loss"], summary)
 

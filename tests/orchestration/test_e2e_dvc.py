@@ -14,9 +14,9 @@ from tests.conftest import PROJECT, e2e_params
 pytestmark = pytest.mark.e2e
 
 STAGES = {
-    "download@synthetic_shapes",
-    "convert@shapes_pretrain",
-    "convert@shapes_instruct",
+    "download_synthetic_shapes",
+    "convert_shapes_pretrain",
+    "convert_shapes_instruct",
     "hdf5_phase1",
     "hdf5_phase2",
     "validate_phase1",
