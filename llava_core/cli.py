@@ -64,13 +64,18 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--refetch", action="store_true", help="fetch again even when the folder is intact")
         if s.name == "train":
             p.add_argument("--num-processes", type=int, default=None)
-    run_all_p = sub.add_parser("all", help="run every stage in order (each recorded in dvc.lock) and print the eval report")
+    run_all_p = sub.add_parser(
+        "all", help="run every stage in order (each recorded in dvc.lock) and print the eval report"
+    )
     run_all_p.add_argument("--no-record", action="store_true", help="do not record the stages in the DVC repository")
     sub.add_parser("dvc-yaml", help="print dvc.yaml, generated from the stage table and the params file")
     sub.add_parser("judge", help="judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json")
     sub.add_parser("publish", help="upload the converted models to S3 (the publish section)")
     sub.add_parser("params", help="print the params.yaml reference (every key, its type and meaning)")
-    for command, what in (("import-hf", "a Hugging Face LLaVA folder"), ("import-llava", "an original-LLaVA checkpoint")):
+    for command, what in (
+        ("import-hf", "a Hugging Face LLaVA folder"),
+        ("import-llava", "an original-LLaVA checkpoint"),
+    ):
         imp = sub.add_parser(command, help=f"{what} -> a training-format checkpoint")
         imp.add_argument("source_dir", type=Path)
         imp.add_argument("--out", type=Path, default=None, help="default: <checkpoints>/imported")

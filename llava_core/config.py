@@ -354,6 +354,16 @@ class PublishConfig(Schema):
     models: list[Literal["hf", "llava"]] = Field(default_factory=lambda: ["hf"], description="folders under models/")
 
 
+class RegistryConfig(Schema):
+    """Optional: after a successful evaluation, Dagster registers the model (GTO tags on dvc.yaml's artifacts)."""
+
+    artifact: Literal["llava-hf", "llava-original"] = Field("llava-hf", description="the dvc.yaml artifact")
+    bump: Literal["major", "minor", "patch"] = Field("minor", description="the semver part the new version bumps")
+    stage: str | None = Field("dev", pattern=r"^[a-z][a-z0-9-]*$", description="stage assigned to it; null: none")
+    min_accuracy: Fraction | None = Field(None, description="register only when overall_accuracy reaches this")
+    push: bool = Field(False, description="push the model to the DVC remote, the commit and tags to git's origin")
+
+
 def _named(v: dict, what: str) -> dict:
     for name in v:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -388,6 +398,7 @@ class PipelineConfig(Schema):
     train: dict[str, TrainPhaseConfig] = Field(description="stage 4: phase -> settings (merged over the preset)")
     eval: EvalConfig = Field(description="stage 5b: the held-out evaluation")
     publish: PublishConfig | None = Field(None, description="optional upload of the exported models to S3")
+    registry: RegistryConfig | None = Field(None, description="optional: register the model after its evaluation")
     base_dir: Path = Field(Path("."), exclude=True, description="the params file's folder (not a params key)")
 
     @field_validator("sources", "datasets")

@@ -22,6 +22,7 @@ from llava_core.config import (
     ModelConfig,
     PipelineConfig,
     PublishConfig,
+    RegistryConfig,
     SourceConfig,
     TrainPhaseConfig,
     Workspace,
@@ -200,6 +201,7 @@ def params_reference() -> str:
         ("eval", EvalConfig),
         ("eval.judge", JudgeConfig),
         ("publish", PublishConfig),
+        ("registry", RegistryConfig),
     ]
     lines = [
         "# params.yaml reference",
@@ -229,5 +231,3 @@ def params_reference() -> str:
                 default = "(section defaults)" if isinstance(value, BaseModel) else f"`{value!r}`"
             lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return "\n".join(lines) + "\n"
-
-

@@ -65,7 +65,12 @@ def tiny() -> dict:
         # (docs/dataset.md has the measurements).
         "initializer_range": 0.08,
     }
-    model = {"vision_config": vision, "text_config": text, "tokenizer": resource_name(TINY_TOKENIZER.name), "image_size": 32}
+    model = {
+        "vision_config": vision,
+        "text_config": text,
+        "tokenizer": resource_name(TINY_TOKENIZER.name),
+        "image_size": 32,
+    }
     batch = {"global_batch_size": 32, "micro_batch_size": 32}
     return _preset(
         model,

@@ -130,7 +130,10 @@ def test_code_deps_hold_every_module_python_loads(stage_name, modules):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     loaded = {m.replace(".", "/") for m in json.loads(out) if m.split(".")[0] == "llava_core"}
     deps = {p.removesuffix(".py").removesuffix("/__init__") for p in code_deps(stage_name)}
-    assert loaded - deps == set()
+    empty = {
+        m for m in loaded if (PROJECT / m / "__init__.py").is_file() and not (PROJECT / m / "__init__.py").read_text()
+    }
+    assert loaded - deps == empty  # empty package markers run nothing and are left out
 
 
 def test_a_new_dataset_gets_its_stages_and_an_outdated_entry_is_refused(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 from collections import Counter
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -227,7 +226,9 @@ def test_image_slots_and_key_padding(ws, tok, phase):
 def test_counts_and_token_stats(ws, phase):
     cfg, results = ws
     params, data, _ = read_phase(cfg.hdf5_dir(phase))
-    n_lines = sum(1 for p in params["settings"]["inputs"] for line in (cfg.root / p).read_text().splitlines() if line.strip())
+    n_lines = sum(
+        1 for p in params["settings"]["inputs"] for line in (cfg.root / p).read_text().splitlines() if line.strip()
+    )
     assert params["processed"] == n_lines == results[phase].processed
     assert params["processed"] == params["examples"] + params["discarded"]
     assert params["discarded"] == sum(params["discarded_by_reason"].values())

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT, dvc_project
-from tests.orchestration.test_e2e_dvc import run
+from tests.orchestration.conftest import run
 
 pytestmark = pytest.mark.e2e
 

@@ -27,7 +27,7 @@ from orchestration.definitions import build_assets, build_definitions
 from orchestration.dvc import DvcRepo
 from orchestration.resources import PipelineSettings
 from tests.conftest import PROJECT, dvc_project
-from tests.orchestration.test_e2e_dvc import run
+from tests.orchestration.conftest import run
 
 pytestmark = pytest.mark.e2e
 
