@@ -86,6 +86,16 @@ def commit(root: Path, files: list[str], message: str) -> str:
     return run(root, "git", "rev-parse", "HEAD").strip()
 
 
+FIRST_VERSION = {"major": "v1.0.0", "minor": "v0.1.0", "patch": "v0.0.1"}  # the bump applied to v0.0.0
+
+
+def version_args(root: Path, artifact: str, bump: str) -> list[str]:
+    """`--bump-<part>` over the artifact's latest version; its first version is that bump of v0.0.0 (GTO cannot
+    bump what has no version yet)."""
+    latest = (json.loads(run(root, "gto", "show", "--json")).get(artifact) or {}).get("version")
+    return [f"--bump-{bump}"] if latest else ["--version", FIRST_VERSION[bump]]
+
+
 def created_tag(output: str) -> str:
     found = re.search(r"Created git tag '([^']+)'", output)
     if not found:
@@ -115,7 +125,9 @@ def register(cfg: PipelineConfig, params_path: str, lock_timeout_s: float = 600.
         raise RegistryError(str(e)) from None
     message = f"Register {rc.artifact}: overall_accuracy {accuracy:.4f} ({cfg.preset} preset)"
     sha = commit(repo.root, recorded_files(cfg, repo.root), message)
-    out = run(repo.root, "gto", "register", rc.artifact, sha, f"--bump-{rc.bump}", "-m", message)
+    out = run(
+        repo.root, "gto", "register", rc.artifact, sha, *version_args(repo.root, rc.artifact, rc.bump), "-m", message
+    )
     tags = [created_tag(out)]
     version = tags[0].split("@", 1)[1]
     if rc.stage:

@@ -27,10 +27,13 @@ def changed_stages(status: str) -> set[str]:
 
 
 def small_repo(repo: Path, env: dict) -> Path:
-    """The small workspace with phase 2's images in a source of their own (`shapes_b`), every tracker on phase 1."""
+    """The small workspace with phase 2's images in a source of their own (`shapes_b`), every tracker on phase 1,
+    a metrics record per step (curves of a few points)."""
     params = dvc_project(repo, env, shapes_b="shapes_instruct")
     p = yaml.safe_load(params.read_text())
     p["train"]["phase1"]["trackers"] = ALL_TRACKERS
+    for phase in ("phase1", "phase2"):
+        p["train"][phase]["log_every"] = 1
     params.write_text(yaml.safe_dump(p, sort_keys=False))
     assert run(["llava-pipeline", "dvc-yaml"], repo, env) == (repo / "dvc.yaml").read_text()  # no stage changed
     run(["git", "commit", "-q", "-am", "Every tracker on phase 1"], repo, env)

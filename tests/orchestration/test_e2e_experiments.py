@@ -73,11 +73,12 @@ def test_the_compared_results_are_in_git(baseline):
 
 def test_experiments_compare_and_a_queued_sweep_runs(baseline):
     repo, env = baseline
+    # a queued sweep: an eval param, and a training param on tiny data (phase 2 only: phase 1 is untouched);
+    # queued first, so each starts from the baseline (a queued run takes the workspace's params as they are)
+    run(["dvc", "exp", "run", "--queue", "-n", "answers-2", "-S", "eval.max_new_tokens=2"], repo, env)
+    run(["dvc", "exp", "run", "--queue", "-n", "epochs-2", "-S", "train.phase2.epochs=2"], repo, env)
     out = run(["dvc", "exp", "run", "-n", "short-answers", "-S", "eval.max_new_tokens=4"], repo, env)
     assert stages_run(out) == {"evaluate"}
-    # a queued sweep: an eval param, and a training param on tiny data (phase 2 only: phase 1 is untouched)
-    run(["dvc", "exp", "run", "--queue", "-n", "answers-2", "-S", "eval.max_new_tokens=2"], repo, env)
-    run(["dvc", "exp", "run", "--queue", "-n", "lr-1e-2", "-S", "+train.phase2.learning_rate=0.01"], repo, env)
     run(["dvc", "queue", "start", "-j", "1"], repo, env)
     deadline = time.monotonic() + 3600  # generous: a loaded machine is slow, never a failure by itself
     while "Queued" in (status := run(["dvc", "queue", "status"], repo, env)) or "Running" in status:
@@ -85,35 +86,34 @@ def test_experiments_compare_and_a_queued_sweep_runs(baseline):
         time.sleep(5)
     assert status.count("Success") == 2, status
     assert stages_run(run(["dvc", "queue", "logs", "answers-2"], repo, env)) == {"evaluate"}
-    assert stages_run(run(["dvc", "queue", "logs", "lr-1e-2"], repo, env)) == {
+    assert stages_run(run(["dvc", "queue", "logs", "epochs-2"], repo, env)) == {
         "train_phase2", "export_hf", "export_llava", "evaluate"}  # fmt: skip
 
     exps = experiments(repo, env)
-    assert {"baseline", "short-answers", "answers-2", "lr-1e-2"} <= set(exps)
-    assert [exps[n]["params"]["eval"]["max_new_tokens"] for n in ("baseline", "short-answers", "answers-2")] == [
-        8,
-        4,
-        2,
-    ]
-    assert exps["lr-1e-2"]["params"]["train"]["phase2"]["learning_rate"] == 0.01
-    for name in ("baseline", "short-answers", "answers-2", "lr-1e-2"):  # every metrics file read, none an error
+    names = ("baseline", "short-answers", "answers-2", "epochs-2")
+    assert set(names) <= set(exps)
+    assert [exps[n]["params"]["eval"]["max_new_tokens"] for n in names] == [8, 4, 2, 8]
+    assert [exps[n]["params"]["train"]["phase2"]["epochs"] for n in names] == [1, 1, 1, 2]
+    phase1 = exps["baseline"]["metrics"]["reports/train/phase1/metrics.json"]
+    for name in names:  # every metrics file read, none an error
         metrics = exps[name]["metrics"]
         assert 0.0 <= metrics["reports/eval.json"]["overall_accuracy"] <= 1.0, name
-        assert metrics["reports/train/phase2/metrics.json"]["step"] >= 1, name
-    lr_loss = exps["lr-1e-2"]["metrics"]["reports/train/phase2/metrics.json"]["loss"]
-    assert lr_loss != exps["baseline"]["metrics"]["reports/train/phase2/metrics.json"]["loss"]  # it trained again
-    assert exps["lr-1e-2"]["metrics"]["reports/train/phase1/metrics.json"] == exps["baseline"]["metrics"][
-        "reports/train/phase1/metrics.json"]  # fmt: skip
+        assert metrics["reports/train/phase1/metrics.json"] == phase1, name
+    phase2 = {n: exps[n]["metrics"]["reports/train/phase2/metrics.json"] for n in ("baseline", "epochs-2")}
+    assert (phase2["baseline"]["step"], phase2["epochs-2"]["step"]) == (2, 4)  # 20 records, batches of 16
 
-    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "lr-1e-2", "--json"], repo, env))
-    assert diff["reports/train/phase2/metrics.json"]["loss"]["new"] == lr_loss
-    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "lr-1e-2", "--json"], repo, env))["data"]
-    values = plots["train_loss"][0]["content"]["data"]["values"]
-    assert {v["rev"] for v in values} == {"HEAD", "lr-1e-2"}
-    phase2 = {v["rev"]: float(v["loss"]) for v in values if v["filename"].startswith("phase2") and v["step"] == "2"}
-    assert phase2["lr-1e-2"] == pytest.approx(lr_loss) and phase2["HEAD"] != phase2["lr-1e-2"]
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "epochs-2", "--json"], repo, env))
+    assert diff["reports/train/phase2/metrics.json"]["step"] == {"old": 2, "new": 4, "diff": 2}
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "epochs-2", "--json"], repo, env))["data"]
+    curves: dict = {}
+    for v in plots["train_loss"][0]["content"]["data"]["values"]:
+        curves.setdefault((v["rev"], v["filename"].split("/")[0]), []).append((int(v["step"]), float(v["loss"])))
+    assert [s for s, _ in curves[("HEAD", "phase2")]] == [1, 2]
+    assert [s for s, _ in curves[("epochs-2", "phase2")]] == [1, 2, 3, 4]
+    assert curves[("epochs-2", "phase2")][-1][1] == pytest.approx(phase2["epochs-2"]["loss"])
+    assert curves[("HEAD", "phase1")] == curves[("epochs-2", "phase1")]
     table = run(["dvc", "exp", "show", "--md", "--only-changed"], repo, env)
-    assert "eval.max_new_tokens" in table and "short-answers" in table and "lr-1e-2" in table
+    assert "eval.max_new_tokens" in table and "short-answers" in table and "epochs-2" in table
 
 
 def test_registering_promoting_and_getting_a_model(baseline, s3_endpoint, aws_env, monkeypatch, tmp_path):
