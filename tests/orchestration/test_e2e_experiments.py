@@ -127,6 +127,9 @@ def test_registering_promoting_and_getting_a_model(baseline, s3_endpoint, aws_en
     run(["python", str(PROJECT / "scripts/dvc_remote.py"), f"s3://{bucket}/cache", "--endpoint", s3_endpoint,
          "--region", "us-east-1", "--root", str(repo)], repo, env)  # fmt: skip
     run(["git", "commit", "-q", "-m", "The S3 remote", "--", ".dvc/config"], repo, env)
+    # revisions from before the remote was committed stay readable (config.local holds the URL too)
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json"], repo, env))
+    assert diff["reports/eval.json"]["overall_accuracy"]["diff"] == 0
 
     # the Dagster asset, after a successful evaluation, when params.yaml has a `registry` section
     params = repo / "params.yaml"
