@@ -67,6 +67,11 @@ bench-scale: setup  ## the data stages and the loader at 10k, 100k, 1M records (
 lint: setup
 	$(VENV)/bin/ruff check llava_core assets orchestration tests scripts benchmarks
 
+# dvc.yaml is generated from the stage table, the code's imports and params.yaml (docs/dvc.md): regenerate it after
+# adding a source or a dataset, or changing what a stage imports (tests/orchestration/test_dvc_yaml.py checks it).
+dvc.yaml: params.yaml $(shell find llava_core -name '*.py') | $(STAMP)  ## dvc.yaml from the stage table and params
+	$(VENV)/bin/llava-pipeline --params params.yaml dvc-yaml > $@.tmp && mv $@.tmp $@
+
 # --- The locks ----------------------------------------------------------------------------------------------------
 # Three locks, each universal over Python 3.11-3.13 (pyproject's requires-python): the main environment with PyPI's
 # CUDA torch and DeepSpeed; the same tree with torch's CPU build, resolved from a copy of the cuda lock (its pins are

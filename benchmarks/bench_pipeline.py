@@ -41,7 +41,7 @@ from benchmarks.common import (
     venv_env,
     write_params,
 )
-from llava_core.artifacts import TRAIN_SUMMARY
+from llava_core.artifacts import RUN_STATS
 from orchestration.dvc import dvc_executable
 
 REDUCED = {
@@ -122,8 +122,8 @@ def _dagster_home(home: Path) -> Path:
 
 
 def _loop_seconds(root: Path) -> float:
-    """The training loops' own seconds in a workspace (each phase's train_summary.json), 0 without training."""
-    return sum(json.loads(p.read_text())["seconds"] for p in root.glob(f"checkpoints/*/{TRAIN_SUMMARY}"))
+    """The training loops' own seconds in a workspace (each phase's run_stats.json), 0 without training."""
+    return sum(json.loads(p.read_text())["seconds"] for p in root.glob(f"checkpoints/*/{RUN_STATS}"))
 
 
 def _du(path: Path) -> int:

@@ -28,7 +28,7 @@ def _workspace(root: Path, records: int, micro: int, accumulation: int) -> Path:
     params = tiny_params(
         root,
         {"num_pretrain": 16, "num_instruct": records, "num_eval_images": 2},
-        {"phase2": {**train, "log_every": 5, "tensorboard": False}},
+        {"phase2": {**train, "log_every": 5, "trackers": []}},
     )
     return write_params(root / "params.yaml", params)
 

@@ -33,6 +33,12 @@ LOSS_PLOT = "loss_curve.png"  # loss and learning rate against step, drawn at th
 RESUME_KEY = "resume_key.json"  # inside the partial run: what a resume must match
 PREEMPTED = "preempted.json"  # inside the partial run: a SIGTERM stopped it after saving a checkpoint (SLURM requeues)
 SLURM_DIR = ".slurm"  # checkpoints/.slurm/: each phase's job script, its log and its Dagster Pipes messages
+RUN_STATS = "run_stats.json"  # how the run went on this machine (seconds, throughput, MFU, resume), not the model
+TENSORBOARD_DIR = "tensorboard"
+# stage 4: reports/train/<phase>/, the DVCLive folder (kept in git: `dvc exp show`, `dvc plots`)
+TRAIN_REPORTS = "train"
+LIVE_METRICS = "metrics.json"  # the last value of each logged metric and the step
+LIVE_PLOTS = "plots/metrics"  # one <metric>.tsv per logged metric: step and value
 # stage 5: models/hf, models/llava, reports/
 EXPORT_INFO = "export_info.json"  # which checkpoint, image token, what the export added
 IMPORT_INFO = "import_info.json"

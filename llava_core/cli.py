@@ -5,9 +5,14 @@
 The stage commands come from the stage table (`llava_core.pipeline.STAGES`): download <source>, convert
 <dataset>, hdf5 <phase>, validate <phase>, train <phase>, export, export-llava, evaluate; `all` runs them in
 order. Besides them: judge, publish, import-hf, import-llava, predict, params (the params reference), plan (a
-phase's memory plan). A key that does not
-exist, or a params file with problems, is one message naming the valid choices and exit status 2; data that
-fails its gate or a failing judge endpoint is one message and exit status 1.
+phase's memory plan), dvc-yaml (dvc.yaml, generated). A key that does not exist, or a params file with problems, is
+one message naming the valid choices and exit status 2; data that fails its gate or a failing judge endpoint is one
+message and exit status 1.
+
+`all` records each stage it ran in the workspace's dvc.lock when the workspace is a DVC repository
+(`llava_core.recording`; `--no-record` turns it off), as the Dagster assets do, so `dvc status` is then clean. A
+stage started by DVC (`DVC_STAGE` set) first checks that dvc.yaml's entry for it is the generated one (exit 2
+with the command that regenerates it otherwise).
 
 LLAVA_STAGE_LOG=<file>: each command appends one JSON line to the file when it ends: the stage, its seconds
 (after the params file is read), its exit status and its peak RSS (the largest of the process and the processes
@@ -62,7 +67,11 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--refetch", action="store_true", help="fetch again even when the folder is intact")
         if s.name == "train":
             _launch_options(p)
-    sub.add_parser("all", help="run every stage in order and print the eval report")
+    run_all_p = sub.add_parser(
+        "all", help="run every stage in order (each recorded in dvc.lock) and print the eval report"
+    )
+    run_all_p.add_argument("--no-record", action="store_true", help="do not record the stages in the DVC repository")
+    sub.add_parser("dvc-yaml", help="print dvc.yaml, generated from the stage table and the params file")
     sub.add_parser("judge", help="judge review of reports/answers.jsonl (eval.judge) -> reports/eval.json")
     sub.add_parser("publish", help="upload the converted models to S3 (the publish section)")
     sub.add_parser("params", help="print the params.yaml reference (every key, its type and meaning)")
@@ -103,15 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.quiet)
     if args.command in ("predict", "params"):  # need no params file
         return _no_params(args)
+    from llava_core.dvc_yaml import StaleDvcYaml
+
     try:
         cfg = load_config(args.params)
         spec = stage(_stage_name(args.command)) if _stage_name(args.command) else None
         key = spec.check_key(cfg, getattr(args, "key", None)) if spec else None  # export, evaluate: no key
+        if spec is not None:
+            _check_dvc_entry(cfg, spec.dvc_name(key))
         if args.command == "plan":
             return _plan(args, cfg, stage("train").check_key(cfg, args.key))
-    except (ConfigError, UnknownName, LaunchRefused) as e:
+    except (ConfigError, UnknownName, LaunchRefused, StaleDvcYaml) as e:
         log.error(f"error: {e}")
         return 2
+    if args.command == "dvc-yaml":
+        from llava_core.dvc_yaml import render
+
+        print(render(cfg), end="")
+        return 0
     t0 = time.perf_counter()
     status = 1
     try:
@@ -119,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _log_stage(args, time.perf_counter() - t0, status)
     return status
+
+
+def _check_dvc_entry(cfg: PipelineConfig, name: str) -> None:
+    """Under DVC (it sets DVC_STAGE and DVC_ROOT for a stage's command), refuse an out-of-date dvc.yaml entry."""
+    if os.environ.get("DVC_STAGE") != name:
+        return
+    from llava_core.dvc_yaml import check_stage
+
+    check_stage(cfg, Path(os.environ.get("DVC_ROOT", cfg.root)) / "dvc.yaml", name)
 
 
 def _stage_name(command: str) -> str | None:
@@ -148,6 +175,7 @@ def _no_params(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg: PipelineConfig, spec: Stage | None, key, t0: float) -> int:
     from llava_core.data.validate import ValidationFailed
     from llava_core.evaluation.judge import JudgeError
+    from llava_core.recording import RecordError
 
     try:
         if spec is not None:
@@ -156,14 +184,20 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig, spec: Stage | None, key,
                 extra = {"num_processes": args.num_processes, "machines": _machines(args)}
             result = spec.run(cfg, **extra) if key is None else spec.run(cfg, key, **extra)
         elif args.command == "all":
-            result = run_all(cfg, log=log.info)["evaluate"]
+            result = run_all(cfg, log=log.info, after=_recorder(args, cfg))["evaluate"]
             log.info(f"pipeline finished in {time.perf_counter() - t0:.1f} s")
         else:
             result = _extra_command(args, cfg)
     except JudgeError as e:  # the answers are already on disk
         log.error(f"error: judge review failed: {e}")
         return 1
-    except (ValidationFailed, FileNotFoundError, DiskFullError, TrainingStopped) as e:  # gate, input, disk, SIGTERM
+    except (
+        ValidationFailed,
+        FileNotFoundError,
+        DiskFullError,
+        TrainingStopped,
+        RecordError,
+    ) as e:  # gate, input, disk, SIGTERM, dvc commit
         log.error(f"error: {e}")
         return 1
     except LaunchRefused as e:  # a launch this machine cannot run: refused before the training process starts
@@ -203,6 +237,22 @@ def _plan(args: argparse.Namespace, cfg: PipelineConfig, phase: str) -> int:
         gpus = visible_gpus()
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render(gpus))
     return 0
+
+
+def _recorder(args: argparse.Namespace, cfg: PipelineConfig):
+    """What `all` calls after each stage: `dvc commit` of it when the workspace is the DVC repository."""
+    from llava_core.recording import dvc_workspace, record_stage
+
+    root, why_not = dvc_workspace(cfg, args.params)
+    if args.no_record or root is None:
+        log.info(f"stages not recorded in dvc.lock: {'--no-record' if args.no_record else why_not}")
+        return None
+
+    def record(s: Stage, key) -> None:
+        record_stage(root, s.dvc_name(key))
+        log.info(f"    recorded {s.dvc_name(key)} in {root / 'dvc.lock'}")
+
+    return record
 
 
 def _extra_command(args: argparse.Namespace, cfg: PipelineConfig) -> dict:

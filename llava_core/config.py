@@ -16,14 +16,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from llava_core.artifacts import CONVERT_REPORT_SUFFIX, EVAL_REPORT, JSONL_SUFFIX, VALIDATION_SUFFIX
+from llava_core.artifacts import CONVERT_REPORT_SUFFIX, EVAL_REPORT, JSONL_SUFFIX, TRAIN_REPORTS, VALIDATION_SUFFIX
 from llava_core.data.converters import CONVERTERS
 from llava_core.data.fetch import HEX64, check_hf_revision
 from llava_core.data.prompts import PROMPT_STYLES, PROMPT_SUFFIXES
 from llava_core.data.synthetic import GENERATORS
 from llava_core.evaluation.metrics import METRICS
 from llava_core.phases import FINAL_PHASE, PHASE_NAMES
-from llava_core.presets import PRESETS, RESOURCES  # noqa: F401  (RESOURCES re-exported)
+from llava_core.presets import PRESETS, RESOURCES, resource_path  # noqa: F401  (RESOURCES re-exported)
 
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
@@ -260,7 +260,11 @@ class TrainPhaseConfig(Schema):
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     group_by_modality_length: bool = Field(False, description="image and text-only records in separate batches")
     lora: LoraConfig | None = Field(None, description="LoRA on the LM (merged into the saved weights at the end)")
-    tensorboard: bool = Field(True, description="TensorBoard event files in the checkpoint's tensorboard/ folder")
+    trackers: list[Literal["dvclive", "tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["dvclive", "tensorboard"],
+        description="where the run's metrics go: dvclive (reports/train/<phase>/, for `dvc exp show` and "
+        "`dvc plots`), tensorboard (the checkpoint's tensorboard/), mlflow (MLFLOW_TRACKING_URI), wandb (WANDB_MODE)",
+    )
     peak_tflops: Annotated[float, Field(gt=0)] | None = Field(None, description="per-device peak for MFU")
     launcher: Literal["local", "slurm"] = Field("local", description="local: accelerate launch here; slurm: a job")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="the SLURM job (launcher: slurm)")
@@ -269,6 +273,13 @@ class TrainPhaseConfig(Schema):
         """Processes over all machines: the SLURM job's GPUs if it asks for some, else the accelerate config's."""
         sc = self.slurm
         return sc.nodes * sc.gpus_per_node if self.launcher == "slurm" and sc.gpus_per_node else launch_processes
+
+    @field_validator("trackers")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: a tracker is listed twice")
+        return v
 
     @field_validator("freeze")
     @classmethod
@@ -314,7 +325,9 @@ class ModelConfig(Schema):
     vision_config: dict[str, Any] | None = Field(None, description="CLIPVisionConfig fields (random init)")
     text_pretrained: str | None = Field(None, description="causal LM folder or hub id")
     text_config: dict[str, Any] | None = Field(None, description="LlamaConfig fields (random init)")
-    tokenizer: str = Field(min_length=1, description="tokenizer folder or hub id")
+    tokenizer: str = Field(
+        min_length=1, description="tokenizer folder, hub id, or `resource:<folder>` (packaged in llava_core/resources)"
+    )
     projector: Literal["mlp2x_gelu"] = Field("mlp2x_gelu", description="Linear-GELU-Linear")
     vision_feature_layer: int = Field(-2, description="hidden state of the vision tower fed to the projector")
     image_size: Positive = Field(336, description="pixels of the square input image")
@@ -324,6 +337,15 @@ class ModelConfig(Schema):
         description="dtype the weights are held in while training, whatever the pretrained files store (Vicuna-v1.5 "
         "is fp16): float32 with mixed precision from train.<phase>.mixed_precision, or bfloat16 for pure bf16",
     )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_resource(cls, v: str) -> str:
+        packaged = resource_path(v)
+        if packaged is not None and not packaged.is_dir():
+            valid = sorted(f"resource:{p.name}" for p in RESOURCES.iterdir() if p.is_dir())
+            raise ValueError(f"{v!r}: no such packaged folder; valid: {', '.join(valid)}")
+        return v
 
     @model_validator(mode="after")
     def _one_of_each(self) -> ModelConfig:
@@ -443,6 +465,16 @@ class ExportConfig(Schema):
         return size_in_bytes(self.max_shard_size)
 
 
+class RegistryConfig(Schema):
+    """Optional: after a successful evaluation, Dagster registers the model (GTO tags on dvc.yaml's artifacts)."""
+
+    artifact: Literal["llava-hf", "llava-original"] = Field("llava-hf", description="the dvc.yaml artifact")
+    bump: Literal["major", "minor", "patch"] = Field("minor", description="the semver part the new version bumps")
+    stage: str | None = Field("dev", pattern=r"^[a-z][a-z0-9-]*$", description="stage assigned to it; null: none")
+    min_accuracy: Fraction | None = Field(None, description="register only when overall_accuracy reaches this")
+    push: bool = Field(False, description="push the model to the DVC remote, the commit and tags to git's origin")
+
+
 def _named(v: dict, what: str) -> dict:
     for name in v:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -478,6 +510,7 @@ class PipelineConfig(Schema):
     eval: EvalConfig = Field(description="stage 5b: the held-out evaluation")
     export: ExportConfig = Field(default_factory=ExportConfig, description="stage 5a: how the exports are written")
     publish: PublishConfig | None = Field(None, description="optional upload of the exported models to S3")
+    registry: RegistryConfig | None = Field(None, description="optional: register the model after its evaluation")
     base_dir: Path = Field(Path("."), exclude=True, description="the params file's folder (not a params key)")
 
     @field_validator("sources", "datasets")
@@ -533,6 +566,10 @@ class PipelineConfig(Schema):
     def report_file(self, name: str = EVAL_REPORT) -> Path:
         return self.path("reports") / name
 
+    def train_report_dir(self, phase: str) -> Path:
+        """`reports/train/<phase>/`: the phase's tracker folder (DVCLive), kept in git for experiments."""
+        return self.path("reports") / TRAIN_REPORTS / phase
+
     @property
     def image_root(self) -> Path:
         return self.path("raw")
@@ -541,7 +578,11 @@ class PipelineConfig(Schema):
         return [n for n, d in self.datasets.items() if d.phase == phase]
 
     def resolve_file(self, p: str) -> str:
-        """A relative path in the config (accelerate config, tokenizer folder) resolves against base_dir."""
+        """A relative path in the config (accelerate config, tokenizer folder) resolves against base_dir; a
+        `resource:<folder>` name (presets.py) to the folder packaged in llava_core/resources."""
+        packaged = resource_path(p)
+        if packaged is not None:
+            return str(packaged)
         path = Path(p)
         if path.is_absolute() or not (self.base_dir / path).exists():
             return p

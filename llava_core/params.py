@@ -24,6 +24,7 @@ from llava_core.config import (
     ModelConfig,
     PipelineConfig,
     PublishConfig,
+    RegistryConfig,
     SlurmConfig,
     SourceConfig,
     TrainPhaseConfig,
@@ -209,6 +210,7 @@ def params_reference() -> str:
         ("eval.judge", JudgeConfig),
         ("export", ExportConfig),
         ("publish", PublishConfig),
+        ("registry", RegistryConfig),
     ]
     lines = [
         "# params.yaml reference",

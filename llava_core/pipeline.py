@@ -91,6 +91,7 @@ def run_evaluate(cfg: PipelineConfig, _key: None = None) -> dict:
 # --- the table -------------------------------------------------------------------------------------------------
 
 Paths = Callable[[PipelineConfig, Any], list[Path]]
+NO_PATHS: Paths = lambda c, k: []  # noqa: E731
 
 
 def _eval_source_dir(cfg: PipelineConfig) -> list[Path]:
@@ -109,11 +110,15 @@ class Stage:
     help: str
     run: Callable[..., Any]
     asset: str | None  # the Dagster asset it materialises ("{key}" filled in); None: an asset check
-    dvc: str  # its dvc.yaml stage name ("{key}" filled in: `download@x` for foreach stages)
+    dvc: str  # its dvc.yaml stage name ("{key}" filled in)
     outs: Paths  # outputs, the primary one (the asset's data version) first
     deps: Paths  # the outputs of other stages it reads
-    params: tuple[str, ...] = ()  # the params sections it reads ("{key}" filled in): dvc.yaml's `params:`
     checks: str | None = None  # a gate: the stage whose asset it checks (a Dagster asset check, no asset)
+    # the params.yaml keys it reads: dvc.yaml's `params:` and the settings of its run's fingerprint (stage_guard)
+    params: Callable[[PipelineConfig, Any], list[str]] = lambda c, k: []
+    files: Paths = NO_PATHS  # what else it reads: config files, a local tokenizer or model folder
+    in_git: Callable[[PipelineConfig, Any], dict[Path, str]] = lambda c, k: {}  # outs kept in git: metrics|outs
+    code: tuple[str, ...] = ()  # modules it runs in a process of its own (not imported by its runner)
 
     def keys(self, cfg: PipelineConfig) -> list:
         return keys_of(cfg, self.over)
@@ -135,69 +140,100 @@ def keys_of(cfg: PipelineConfig, over: str | None) -> list:
     return {None: [None], "source": list(cfg.sources), "dataset": list(cfg.datasets), "phase": list(PHASE_NAMES)}[over]
 
 
+def _image_dirs(cfg: PipelineConfig, phase: str) -> list[Path]:
+    """The source folders of the phase's datasets: the images its records point at (one DVC hash per folder,
+    however many images it holds)."""
+    return list(dict.fromkeys(cfg.raw_dir(cfg.datasets[d].source) for d in cfg.datasets_for(phase)))
+
+
+def _phase_data(cfg: PipelineConfig, phase: str) -> list[Path]:
+    return [*(cfg.jsonl_path(d) for d in cfg.datasets_for(phase)), *_image_dirs(cfg, phase)]
+
+
 def _train_deps(cfg: PipelineConfig, phase: str) -> list[Path]:
     prev = get_phase(phase).previous
     deps = [cfg.hdf5_dir(phase), cfg.validation_path(phase)]
-    return deps + ([cfg.checkpoint_dir(prev)] if prev else [])
+    return deps + ([cfg.checkpoint_dir(prev)] if prev else []) + _image_dirs(cfg, phase)
 
+
+def _local(cfg: PipelineConfig, names: list[str | None]) -> list[Path]:
+    """The folders or files among `names` (config values) that exist on this machine (not hub ids)."""
+    found = [Path(cfg.resolve_file(n)) for n in names if n]
+    return [p for p in found if p.exists()]
+
+
+def _model_files(cfg: PipelineConfig, _key: Any = None) -> list[Path]:
+    m = cfg.model
+    return _local(cfg, [m.tokenizer, m.vision_pretrained, m.text_pretrained])
+
+
+MODEL_PARAMS = ["preset", "seed", "model"]
 
 STAGES: tuple[Stage, ...] = (
     Stage(
         "download", "source", "download", "stage 1: fetch a source into data/raw/<source>", run_download,
-        "raw_{key}", "download@{key}",
+        "raw_{key}", "download_{key}",
         outs=lambda c, k: [c.raw_dir(k)],
-        deps=lambda c, k: [],
-        params=("sources.{key}",),
+        deps=NO_PATHS,
+        params=lambda c, k: [f"sources.{k}"],
     ),
     Stage(
         "convert", "dataset", "convert", "stage 2: a source file -> data/jsonl/<dataset>.jsonl", run_convert,
-        "jsonl_{key}", "convert@{key}",
+        "jsonl_{key}", "convert_{key}",
         outs=lambda c, k: [c.jsonl_path(k), c.convert_report(k)],
         deps=lambda c, k: [c.raw_dir(c.datasets[k].source)],
-        params=("datasets.{key}",),
+        params=lambda c, k: [f"datasets.{k}", "seed"],
+        in_git=lambda c, k: {c.convert_report(k): "metrics"},
     ),
     Stage(
         "hdf5", "phase", "hdf5", "stage 3: jsonl -> data/hdf5/<phase>", run_hdf5,
         "hdf5_{key}", "hdf5_{key}",
         outs=lambda c, k: [c.hdf5_dir(k)],
-        deps=lambda c, k: [c.jsonl_path(d) for d in c.datasets_for(k)],
-        params=("preset", "seed", "model", "hdf5.{key}"),
+        deps=_phase_data,
+        # `datasets`: a dataset added to params.yaml re-runs the stage, which then checks that dvc.yaml lists it
+        params=lambda c, k: [*MODEL_PARAMS, f"hdf5.{k}", "datasets"],
+        files=_model_files,
     ),
     Stage(
         "validate", "phase", "validate", "stage 3 gate: Great Expectations suites -> data/hdf5/<phase>.validation.json",
         run_validate, None, "validate_{key}",
         outs=lambda c, k: [c.validation_path(k)],
-        deps=lambda c, k: [c.hdf5_dir(k), *(c.jsonl_path(d) for d in c.datasets_for(k))],
-        params=("hdf5.{key}",),
+        deps=lambda c, k: [c.hdf5_dir(k), *_phase_data(c, k)],
         checks="hdf5",
+        params=lambda c, k: [f"hdf5.{k}"],
+        in_git=lambda c, k: {c.validation_path(k): "outs"},
     ),
     Stage(
         "train", "phase", "train", "stage 4: train one phase under accelerate launch", run_train,
         "checkpoint_{key}", "train_{key}",
-        outs=lambda c, k: [c.checkpoint_dir(k)],
+        outs=lambda c, k: [c.checkpoint_dir(k), c.train_report_dir(k)],
         deps=_train_deps,
-        params=("preset", "seed", "model", "train.{key}"),
+        params=lambda c, k: [*MODEL_PARAMS, f"train.{k}"],
+        files=lambda c, k: _model_files(c) + _local(c, [c.train[k].accelerate_config]),
+        in_git=lambda c, k: {c.train_report_dir(k): "outs"},
+        code=("llava_core.training.recipe",),  # `accelerate launch -m llava_core.training.recipe`
     ),
     Stage(
         "export_hf", None, "export", "stage 5a: the final checkpoint -> models/hf", run_export,
         "hf_model", "export_hf",
         outs=lambda c, k: [c.model_dir("hf")],
         deps=lambda c, k: [c.checkpoint_dir(FINAL_PHASE)],
-        params=("export",),
+        params=lambda c, k: [f"hdf5.{FINAL_PHASE}.prompt_style", "export"],  # the chat template, the shards
     ),
     Stage(
         "export_llava", None, "export-llava", "stage 5a: the final checkpoint -> models/llava (original LLaVA layout)",
         run_export_llava, "llava_model", "export_llava",
         outs=lambda c, k: [c.model_dir("llava")],
         deps=lambda c, k: [c.checkpoint_dir(FINAL_PHASE)],
-        params=("export",),
+        params=lambda c, k: ["export"],
     ),
     Stage(
         "evaluate", None, "evaluate", "stage 5b: answer the held-out questions -> reports/eval.json", run_evaluate,
         "eval_report", "evaluate",
         outs=lambda c, k: [c.report_file(), c.report_file(ANSWERS)],
-        deps=lambda c, k: [c.model_dir("hf"), *_eval_source_dir(c), c.hdf5_dir(FINAL_PHASE)],  # suffix statistics
-        params=("eval",),
+        deps=lambda c, k: [c.model_dir("hf"), *_eval_source_dir(c), c.hdf5_dir(FINAL_PHASE)],  # suffix statistics,
+        params=lambda c, k: ["eval", "seed"],
+        in_git=lambda c, k: {c.report_file(): "metrics"},
     ),
 )  # fmt: skip
 STAGE_BY_NAME = {s.name: s for s in STAGES}
@@ -239,14 +275,17 @@ def asset_inputs(cfg: PipelineConfig, s: Stage, key: Any) -> list[str]:
     return out
 
 
-def run_all(cfg: PipelineConfig, log=print) -> dict:
-    """Every stage in dependency order; returns each stage's summary and its wall time."""
+def run_all(cfg: PipelineConfig, log=print, after: Callable[[Stage, Any], None] | None = None) -> dict:
+    """Every stage in dependency order; returns each stage's summary and its wall time. `after(stage, key)` runs
+    when a stage has finished (the CLI records it in dvc.lock there)."""
     out: dict[str, Any] = {"seconds": {}}
     for s, key in steps(cfg):
         name = s.command if key is None else f"{s.command} {key}"
         t0 = time.perf_counter()
         log(f"==> {name}")
         result = s.run(cfg) if key is None else s.run(cfg, key)
+        if after is not None:
+            after(s, key)
         out["seconds"][name] = round(time.perf_counter() - t0, 2)
         if key is None:
             out[s.name] = result

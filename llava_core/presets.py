@@ -14,6 +14,21 @@ from llava_core.phases import PHASES
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 TINY_TOKENIZER = RESOURCES / "tiny_tokenizer"
+# A folder packaged in llava_core/resources, named portably in params and in what stages record (an absolute path
+# would differ between two checkouts and so change the outputs' DVC hashes): `PipelineConfig.resolve_file` finds it.
+RESOURCE_PREFIX = "resource:"
+
+
+def resource_name(folder: str) -> str:
+    """`resource:<folder>`: the name params and artifacts use for `llava_core/resources/<folder>`."""
+    return f"{RESOURCE_PREFIX}{folder}"
+
+
+def resource_path(name: str) -> Path | None:
+    """The packaged folder a `resource:<folder>` name stands for; None for any other name."""
+    if not name.startswith(RESOURCE_PREFIX):
+        return None
+    return RESOURCES / name[len(RESOURCE_PREFIX) :]
 
 
 # The published architectures, as transformers config fields (docs/gpus-and-clusters.md): the memory plan and the GPU
@@ -84,7 +99,12 @@ def tiny() -> dict:
         # (docs/dataset.md has the measurements).
         "initializer_range": 0.08,
     }
-    model = {"vision_config": vision, "text_config": text, "tokenizer": str(TINY_TOKENIZER), "image_size": 32}
+    model = {
+        "vision_config": vision,
+        "text_config": text,
+        "tokenizer": resource_name(TINY_TOKENIZER.name),
+        "image_size": 32,
+    }
     batch = {"global_batch_size": 32, "micro_batch_size": 32}
     return _preset(
         model,

@@ -34,8 +34,8 @@ from llava_core.config import PipelineConfig
 
 log = logging.getLogger("llava_core")
 
-# The params sections each stage reads: the same lists as the `params:` of its dvc.yaml stage (a test checks that
-# they agree), so a change that DVC would re-run a stage for also changes its fingerprint.
+# The params sections each stage reads are the stage table's `Stage.params`, which dvc.yaml's `params:` are generated
+# from: a change that DVC would re-run a stage for also changes its fingerprint.
 
 
 def record_path(out: Path) -> Path:
@@ -55,8 +55,7 @@ def settings_view(cfg: PipelineConfig, s: Any, key: Any) -> dict:
     """The settings of one stage run: each params section the stage reads (`Stage.params`), by its dotted name."""
     data = cfg.to_dict()
     view = {}
-    for dotted in s.params:
-        name = dotted.format(key=key)
+    for name in s.params(cfg, key):
         value: Any = data
         for part in name.split("."):
             value = value.get(part) if isinstance(value, dict) else None

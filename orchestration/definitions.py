@@ -16,6 +16,7 @@ from assets.download import build_download_assets
 from assets.evaluate import build_evaluate_assets
 from assets.export import build_export_assets
 from assets.hdf5 import build_hdf5_assets, build_hdf5_checks
+from assets.registry import build_registry_assets
 from assets.train import build_train_assets
 from llava_core.config import PipelineConfig
 from llava_core.params import load_config
@@ -51,6 +52,7 @@ def build_assets(cfg: PipelineConfig) -> list[dg.AssetsDefinition]:
         *build_train_assets(cfg),
         *build_export_assets(cfg),
         *build_evaluate_assets(cfg),
+        *build_registry_assets(cfg),  # only with a `registry` section in params.yaml
     ]
 
 

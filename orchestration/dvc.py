@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ import yaml
 
 from llava_core.config import PipelineConfig
 from llava_core.pipeline import steps
+from llava_core.recording import dvc_executable as find_dvc
+from llava_core.recording import dvc_workspace
 
 CHUNK = 1 << 20
 LOCK_NAME = "llava-dvc.lock"  # under .dvc/tmp/, beside DVC's own lock
@@ -93,7 +94,7 @@ def dvc_hash(path: Path, ignore: DvcIgnore | None = None) -> OutHash:
 
 @dataclass(frozen=True)
 class DvcStage:
-    name: str  # as in dvc.lock: "download@<source>", "hdf5_phase1", ...
+    name: str  # as in dvc.lock: "download_<source>", "hdf5_phase1", ...
     outs: tuple[Path, ...]  # the primary output (whose hash is the data version) first
 
 
@@ -110,12 +111,8 @@ class DvcError(RuntimeError):
 
 
 def dvc_executable() -> str:
-    """The `dvc` command beside this interpreter, else the first on PATH.
-
-    `make setup` puts in the virtualenv's bin a `dvc` that runs DVC from its own tool environment (DVC's hydra needs
-    antlr4 4.9, Dagster 4.13: docs/install.md), so never `python -m dvc` from this environment."""
-    beside = Path(sys.executable).parent / "dvc"  # not resolved: the virtualenv's bin, not the base interpreter's
-    found = str(beside) if beside.is_file() else shutil.which("dvc")
+    """The `dvc` command of the DVC tool environment (`llava_core.recording.dvc_executable`); DvcError if none."""
+    found = find_dvc()
     if not found:
         raise DvcError(f"no `dvc` command beside {sys.executable} nor on PATH: run `make setup` (docs/install.md)")
     return found
@@ -131,16 +128,8 @@ class DvcRepo:
     @classmethod
     def for_workspace(cls, cfg: PipelineConfig, params_path: str, lock_timeout_s: float = 600.0):
         """(repo, "") when the workspace is the DVC repository this params file drives, else (None, why not)."""
-        root = cfg.root.resolve()
-        if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
-            return None, f"{root} is not a DVC repository (no dvc.yaml and .dvc/)"
-        if Path(params_path).resolve() != root / "params.yaml":
-            return None, f"the params file {params_path} is not the repository's params.yaml"
-        for stage in dvc_stages(cfg).values():
-            for p in stage.outs:
-                if not p.resolve().is_relative_to(root):
-                    return None, f"{p} lies outside the DVC repository {root}"
-        return cls(root, lock_timeout_s), ""
+        root, why_not = dvc_workspace(cfg, params_path)
+        return (None, why_not) if root is None else (cls(root, lock_timeout_s), "")
 
     def rel(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.root).as_posix()

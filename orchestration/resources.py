@@ -43,6 +43,12 @@ class PipelineSettings(dg.ConfigurableResource):
 
         return record_version(result, asset, self)
 
+    def register_model(self):
+        """Register the evaluated model in the model registry (the `registry` section; orchestration/registry.py)."""
+        from orchestration.registry import register
+
+        return register(self.load(), self.params_path, self.dvc_lock_timeout_s)
+
     def commit_gate(self, dvc_stage: str) -> str:
         """Record a passed gate stage in dvc.lock; returns what happened (for the check's metadata)."""
         from orchestration.versioning import commit_gate

@@ -33,7 +33,9 @@ def configure(
         conf["remote"][name] = {"url": url}
         if default:
             conf["core"]["remote"] = name
-    local = {}
+    # the URL here too: DVC merges config.local into every revision it reads (`dvc metrics diff`, `dvc exp show`),
+    # and a remote section without a URL makes the revisions from before the remote was committed unreadable
+    local = {"url": url}
     if endpoint:
         local["endpointurl"] = endpoint
     if region:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ FAST_TRAIN = {
     "phase2": {"epochs": 1, "global_batch_size": 16, "micro_batch_size": 16},
 }
 E2E_SOURCE = {"num_pretrain": 64, "num_instruct": 64, "num_eval_images": 4}
+# Who commits in the temporary git repositories (a fresh CI machine has no git identity of its own).
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "llava-pipeline tests",
+    "GIT_AUTHOR_EMAIL": "tests@llava-pipeline.invalid",
+    "GIT_COMMITTER_NAME": "llava-pipeline tests",
+    "GIT_COMMITTER_EMAIL": "tests@llava-pipeline.invalid",
+}
 
 
 def e2e_params(folder: Path, root: str | None = None, small: bool = True) -> Path:
@@ -26,22 +34,34 @@ def e2e_params(folder: Path, root: str | None = None, small: bool = True) -> Pat
     return write_params(folder, params)
 
 
-def dvc_project(repo: Path, env: dict) -> Path:
-    """A fresh git + DVC repository holding the project's stages (code, dvc.yaml, .dvcignore) and a params.yaml
-    of a few dozen records and one short epoch; returns the params file."""
+def dvc_project(repo: Path, env: dict, **sources) -> Path:
+    """A fresh git + DVC repository holding the project's stages (code, dvc.yaml generated for its params,
+    .dvcignore, .gitignore) and a params.yaml of a few dozen records and one short epoch, every path in it
+    relative (two copies at different paths then agree on dvc.lock); returns the params file. `sources`: more
+    sources (name -> dataset it feeds instead of synthetic_shapes), each a copy of the small generated one."""
     import shutil
     import subprocess
 
     repo.mkdir(parents=True)
     for name in ("llava_core", "configs"):
         shutil.copytree(PROJECT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in (".dvcignore", ".gitignore"):
         shutil.copy(PROJECT / name, repo / name)
     params = base_params(".", small=True)
     for phase, values in FAST_TRAIN.items():
-        params["train"][phase].update(values)
+        params["train"][phase].update(values, accelerate_config="configs/accelerate/cpu.yaml")
+    for name, dataset in sources.items():
+        params["sources"][name] = copy.deepcopy(params["sources"]["synthetic_shapes"])
+        params["datasets"][dataset]["source"] = name
     path = write_params(repo, params)
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+    dvc_yaml = subprocess.run(
+        ["llava-pipeline", "--params", str(path), "dvc-yaml"], env=env, check=True, capture_output=True, text=True
+    )
+    (repo / "dvc.yaml").write_text(dvc_yaml.stdout)
+    env = {**env, **GIT_IDENTITY}
+    # a first commit, as any clone has: DVC experiments need one, and so does DVCLive in the training process
+    commit = ["git", "commit", "-q", "-m", "The project's stages and small params"]
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], commit):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     return path
 
@@ -52,11 +72,16 @@ def small_params(tmp_path: Path) -> Path:
     return e2e_params(tmp_path)
 
 
+def project_env() -> dict:
+    """Environment in which the project's console scripts (llava-pipeline, dvc, gto) are on PATH and git commits."""
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, **GIT_IDENTITY, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+
+
 @pytest.fixture
 def venv_env() -> dict:
     """Environment in which the project's console scripts (llava-pipeline, dvc) are on PATH."""
-    bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    return project_env()
 
 
 @pytest.fixture(scope="session")

@@ -61,11 +61,12 @@ def read_phase(folder: Path):
     return params, np.concatenate(blocks), paths
 
 
-def jsonl_records(params) -> list[dict]:
-    """The records of the phase's jsonl files that parse (the writer rejects the others)."""
+def jsonl_records(params, root: Path) -> list[dict]:
+    """The records of the phase's jsonl files that parse (the writer rejects the others); `root`: the workspace
+    root the recorded input paths are relative to."""
     recs = []
     for p in params["settings"]["inputs"]:
-        for line in Path(p).read_text().splitlines():
+        for line in (Path(root) / p).read_text().splitlines():
             try:
                 recs.append(json.loads(line))
             except json.JSONDecodeError:

@@ -401,7 +401,7 @@ class FaultedPipeline:
         self.records("hdf5-rerun", _lines(jsonl), list(range(params["examples"])))
 
     def _training(self) -> None:
-        from llava_core.artifacts import TRAIN_SUMMARY
+        from llava_core.artifacts import RUN_STATS, TRAIN_SUMMARY
         from llava_core.params import load_config
         from llava_core.training.checkpointing import step_checkpoints, work_dir
         from llava_core.training.launch import train
@@ -427,7 +427,8 @@ class FaultedPipeline:
             out = cfg.checkpoint_dir(phase)
             summary = json.loads((out / TRAIN_SUMMARY).read_text())
             steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
-            fact.update(resumed_from=summary["resumed_from_step"], resume_point=resume_at[0], steps=summary["steps"])
+            resumed_from = json.loads((out / RUN_STATS).read_text())["resumed_from_step"]  # how the run went
+            fact.update(resumed_from=resumed_from, resume_point=resume_at[0], steps=summary["steps"])
             self.records(f"train-{phase}", summary["steps"], steps)
             fact["identical"] = steps == list(range(1, summary["steps"] + 1)) and not work.exists()
 

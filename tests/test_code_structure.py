@@ -5,11 +5,11 @@ and every unit is small enough to read (docs/development.md)."""
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from llava_core.code_deps import Import, import_graph, project_modules
 from tests.helpers_unit import PROJECT
 
 PACKAGES = ("llava_core", "assets", "orchestration")
@@ -19,56 +19,6 @@ MAX_FUNCTION_LINES = 80
 # llava_core may speak the Pipes protocol (the training process reports to Dagster through it) but never
 # imports Dagster itself, nor DVC
 PIPES = "dagster_pipes"
-
-
-@dataclass(frozen=True)
-class Import:
-    module: str  # the importing module
-    target: str  # the imported module, dotted (a project module when `from pkg import submodule`)
-    line: int
-    names: tuple[str, ...] = ()  # what `from target import ...` takes
-
-
-def module_name(root: Path, path: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def project_modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
-    return {
-        module_name(root, p): p
-        for package in packages
-        for p in sorted((root / package).rglob("*.py"))
-        if "__pycache__" not in p.parts
-    }
-
-
-def imports_of(name: str, path: Path, known: set[str]) -> list[Import]:
-    """Every import statement of a module, at module level or inside a function or class, relative ones
-    resolved; `from pkg import sub` names the submodule `pkg.sub` when that is a module of the project."""
-    is_package = path.name == "__init__.py"
-    out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            out += [Import(name, alias.name, node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                package = name.split(".") if is_package else name.split(".")[:-1]
-                package = package[: len(package) - (node.level - 1)]
-                base = ".".join(package + ([base] if base else []))
-            names = tuple(alias.name for alias in node.names)
-            subs = [f"{base}.{n}" for n in names if f"{base}.{n}" in known]
-            rest = tuple(n for n in names if f"{base}.{n}" not in known)
-            out += [Import(name, sub, node.lineno) for sub in subs]
-            if rest or not subs:
-                out.append(Import(name, base, node.lineno, rest))
-    return out
-
-
-def import_graph(root: Path, packages: tuple[str, ...]) -> list[Import]:
-    modules = project_modules(root, packages)
-    return [i for name, path in modules.items() for i in imports_of(name, path, set(modules))]
 
 
 def cycles(edges: list[Import], known: set[str]) -> list[list[str]]:

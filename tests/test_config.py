@@ -206,7 +206,8 @@ def test_tiny_preset(tmp_path, params):
     vision = cfg.model.vision_config
     num_patches = (vision["image_size"] // vision["patch_size"]) ** 2
     assert cfg.model.image_size == vision["image_size"] and cfg.model.vision_pretrained is None
-    assert cfg.model.tokenizer == TINY_TOKENIZER
+    assert cfg.model.tokenizer == "resource:tiny_tokenizer"  # portable: no absolute path in params or outputs
+    assert cfg.resolve_file(cfg.model.tokenizer) == TINY_TOKENIZER
     assert cfg.hdf5["phase1"].prompt_style == "plain" and cfg.hdf5["phase2"].prompt_style == "vicuna_v1"
     # room for BOS, the image slots and some text in each phase
     assert all(cfg.hdf5[p].max_sequence_length > num_patches + 16 for p in ("phase1", "phase2"))

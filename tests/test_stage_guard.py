@@ -23,7 +23,7 @@ from llava_core.data.sources import download
 from llava_core.data.validate import SuiteResult, ValidationResult
 from llava_core.params import load_config
 from llava_core.pipeline import STAGES, stage
-from llava_core.stage_guard import guarded, read_record, record_path, revive, run_guarded
+from llava_core.stage_guard import guarded, read_record, record_path, revive, run_guarded, settings_view
 from tests.conftest import PROJECT
 from tests.helpers_unit import base_params, write_params
 
@@ -141,17 +141,16 @@ def test_a_run_that_waited_for_the_same_version_returns_its_result(source_cfg):
         assert g.current is None
 
 
-def test_stage_params_are_the_ones_dvc_yaml_lists():
-    """The fingerprint's settings of each stage are the params sections its dvc.yaml stage depends on."""
+def test_fingerprint_settings_are_the_params_dvc_yaml_lists():
+    """The fingerprint's settings of each stage are the params its dvc.yaml stage depends on: a change DVC re-runs a
+    stage for also makes a waiting run redo it."""
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     cfg = load_config(PROJECT / "params.yaml")
     for s in STAGES:
         for key in s.keys(cfg):
-            name = s.dvc_name(key)
-            entry = stages[name.split("@")[0]]
-            entry = entry.get("do", entry)
-            listed = [p.replace("${key}", str(key)) for p in entry.get("params", [])]
-            assert listed == [p.format(key=key) for p in s.params], name
+            listed = stages[s.dvc_name(key)].get("params", [])
+            assert list(settings_view(cfg, s, key)) == listed, s.dvc_name(key)
+            assert listed, s.dvc_name(key)
 
 
 def test_revive_rebuilds_nested_results(tmp_path):

@@ -217,7 +217,7 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
     report_path = cfg.convert_report(dataset)
     report = {
         "dataset": dataset,
-        "source_file": str(root / ds.file),
+        "source_file": cfg.rel(root / ds.file),  # relative to the workspace root: portable
         "files": [p.relative_to(root).as_posix() for p in files],
         "converter": ds.converter,
         "options": options,
@@ -227,7 +227,7 @@ def convert(cfg: PipelineConfig, dataset: str, check_images: bool = True) -> Con
         "dropped_total": sum(dropped.values()),
     }
     if conv.writes_images:
-        report["images_written_to"] = str(image_final)
+        report["images_written_to"] = cfg.rel(image_final)
     report_tmp = report_path.with_name(f".{report_path.name}.tmp")
     with staged(report_path, report_tmp, tmp, image_tmp):  # every output is complete before any is renamed
         report_tmp.write_text(json_text(report))

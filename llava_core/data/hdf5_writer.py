@@ -206,8 +206,8 @@ def _data_params(cfg: PipelineConfig, phase: str, spec: WriterSpec, tok, geometr
             "image_size": image_size,
             "patch_size": patch,
             "seed": cfg.seed,
-            "inputs": [str(p) for p in _inputs(cfg, phase)],
-            "image_root": str(cfg.image_root),
+            "inputs": [cfg.rel(p) for p in _inputs(cfg, phase)],  # relative to the workspace root: portable
+            "image_root": cfg.rel(cfg.image_root),
         },
         "processed": total.processed,
         "processed_by_input": total.processed_by_input,

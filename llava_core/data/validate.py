@@ -267,13 +267,6 @@ class ValidationFailed(RuntimeError):
     """A phase's data failed its suites; the message is the readable summary."""
 
 
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path(base).resolve()))
-    except ValueError:
-        return str(path)
-
-
 def validate_phase(cfg: PipelineConfig, phase: str, chunk_rows: int = CHUNK_ROWS) -> ValidationResult:
     """Run both suites on a built phase, `chunk_rows` rows at a time, and write `data/hdf5/<phase>.validation.json`."""
     folder = cfg.hdf5_dir(get_phase(phase).name)
@@ -304,7 +297,7 @@ def validate_phase(cfg: PipelineConfig, phase: str, chunk_rows: int = CHUNK_ROWS
         {
             "phase": phase,
             "success": success,
-            "hdf5": _relative(folder, cfg.base_dir),
+            "hdf5": cfg.rel(folder),
             "data_params_sha256": hashlib.sha256(params_file.read_bytes()).hexdigest(),
             "suites": {k: s.__dict__ for k, s in suites.items()},
         },

@@ -242,11 +242,12 @@ def read_answers(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def finish_report(cfg: PipelineConfig, records: list[dict], model_dir: Path) -> EvalResult:
-    """Score the answer records, run the judge review when configured, write `reports/eval.json`."""
+def finish_report(cfg: PipelineConfig, records: list[dict], model: str) -> EvalResult:
+    """Score the answer records, run the judge review when configured, write `reports/eval.json`; `model` names
+    the model folder relative to the workspace root (no absolute path: the report is the same in any checkout)."""
     reports = cfg.path("reports")
     report = score(records, [r["text"] for r in records], cfg)
-    report["model"] = str(model_dir)
+    report["model"] = model
     report["questions"] = cfg.eval.questions
     report["prompt_suffix"], report["warnings"] = suffix_report(cfg, records)
     for w in report["warnings"]:
@@ -285,9 +286,9 @@ def evaluate(cfg: PipelineConfig) -> EvalResult:
         model, tokenizer, questions, cfg.image_root / cfg.eval.image_folder, cfg, info["image_token_id"]
     )
     prompts = question_prompts(questions, cfg)
-    records = answer_records(questions, preds, prompts, str(model_dir))
+    records = answer_records(questions, preds, prompts, cfg.rel(model_dir))
     write_answers(cfg.path("reports") / ANSWERS, records)
-    return finish_report(cfg, records, model_dir)
+    return finish_report(cfg, records, cfg.rel(model_dir))
 
 
 def judge_answers(cfg: PipelineConfig) -> EvalResult:
@@ -295,4 +296,4 @@ def judge_answers(cfg: PipelineConfig) -> EvalResult:
     if cfg.eval.judge is None:
         raise ValueError("eval.judge is not set in the params file: no judge endpoint to review the answers with")
     records = read_answers(cfg.path("reports") / ANSWERS)
-    return finish_report(cfg, records, Path(records[0].get("model_id", "")) if records else Path(""))
+    return finish_report(cfg, records, records[0].get("model_id", "") if records else "")

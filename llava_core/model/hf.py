@@ -222,7 +222,7 @@ def export_hf(cfg: PipelineConfig, phase: str = "phase2") -> ExportResult:
         write_json_atomic(
             tmp / EXPORT_INFO,
             {
-                "source_checkpoint": str(ckpt),
+                "source_checkpoint": cfg.rel(ckpt),  # relative to the workspace root: portable
                 "phase": phase,
                 "image_token_id": conv.image_token_id,
                 "image_patch_start_idx": train_summary["image_patch_start_idx"],

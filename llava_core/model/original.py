@@ -129,8 +129,11 @@ def write_llava_original(
 def export_llava(cfg: PipelineConfig, phase: str = "phase2") -> LlavaExportResult:
     """Convert the finished `checkpoints/<phase>/` to the original LLaVA layout in `models/llava/` (atomic).
 
-    `mm_vision_tower` holds the absolute path of `models/llava/image_model` (the LLaVA repo loads the tower from
-    there; its eval scripts take `models/llava/text_model_llava` as --model-path, a path containing "llava").
+    `mm_vision_tower` is `image_model`, a path relative to `models/llava/`: LLaVA's `build_vision_tower` takes
+    it when `os.path.exists` finds it and `CLIPVisionModel.from_pretrained` loads it, both from the working
+    directory, so LLaVA's scripts run from inside the export folder (`cd models/llava`, then
+    `--model-path text_model_llava`, a path containing "llava"). An absolute path would tie the export, and its
+    DVC hash, to one checkout; the folder moves or is downloaded anywhere as it is (docs/formats.md).
     """
     from transformers import AutoTokenizer
 
@@ -140,9 +143,8 @@ def export_llava(cfg: PipelineConfig, phase: str = "phase2") -> LlavaExportResul
     out = cfg.path("models") / "llava"
     tmp = partial_dir(out)
     with staged(out, tmp):
-        tower = str((out / LLAVA_IMAGE_DIR).resolve())
-        write_llava_original(model, tok, tmp, tower, cfg.export.max_shard_bytes, ckpt / "tokenizer")
-        write_json_atomic(tmp / EXPORT_INFO, {"source_checkpoint": str(ckpt), "phase": phase, "format": "llava"})
+        write_llava_original(model, tok, tmp, LLAVA_IMAGE_DIR, cfg.export.max_shard_bytes, ckpt / "tokenizer")
+        write_json_atomic(tmp / EXPORT_INFO, {"source_checkpoint": cfg.rel(ckpt), "phase": phase, "format": "llava"})
     replace_dir(tmp, out)
     parameters = sum(p.numel() for p in model.parameters())
     return LlavaExportResult(out, parameters, out / LLAVA_IMAGE_DIR, out / LLAVA_TEXT_DIR, out / CEREBRAS_TEXT_DIR)
@@ -161,8 +163,10 @@ def _llava_folders(folder: Path) -> tuple[Path, dict]:
 
 
 def _vision_tower_dir(text_dir: Path, tower: str) -> Path | None:
-    """The local folder `mm_vision_tower` names: as written, relative to the text folder, or the sibling image_model."""
-    for cand in (Path(tower), text_dir / tower, text_dir.parent / LLAVA_IMAGE_DIR):
+    """The local folder `mm_vision_tower` names: relative to the export folder (ours: `image_model`), as written
+    (absolute, or from the working directory as LLaVA reads it), relative to the text folder, or the sibling
+    image_model."""
+    for cand in (text_dir.parent / tower, Path(tower), text_dir / tower, text_dir.parent / LLAVA_IMAGE_DIR):
         if (cand / "config.json").is_file():
             return cand
     return None

@@ -22,6 +22,7 @@ from llava_core.artifacts import (
     PREEMPTED,
     RESUME_KEY,
     RUN_CONFIG,
+    RUN_STATS,
     TOKENIZER_DIR,
     TRAIN_SUMMARY,
 )
@@ -33,8 +34,12 @@ STEP_PREFIX = "step-"
 # Settings that change what a run shows or how often it saves, not what it computes: a partial run resumes
 # across a change of these.
 # Where a run is launched (here or as a SLURM job) changes nothing either: the process count is kept below.
-OBSERVE_ONLY = ("log_every", "save_every", "keep_last", "num_workers", "resume", "tensorboard", "peak_tflops",
+OBSERVE_ONLY = ("log_every", "save_every", "keep_last", "num_workers", "resume", "trackers", "peak_tflops",
                 "launcher", "slurm")  # fmt: skip
+# The summary figures of how this run went on this machine (wall clock, throughput, MFU, a resume): written to
+# run_stats.json, not train_summary.json, so the checkpoint's DVC hash is the same for the same settings on any
+# machine (.dvcignore leaves run_stats.json, metrics.jsonl and tensorboard/ out of the hash).
+RUN_STATS_KEYS = ("seconds", "tokens_per_s", "samples_per_s", "mfu", "resumed_from_step")
 
 
 class ResumeMismatch(RuntimeError):
@@ -208,7 +213,17 @@ class Checkpointer:
             for old in step_checkpoints(self.work):  # the finished weights supersede the resume points
                 shutil.rmtree(old)
             (self.work / RESUME_KEY).unlink(missing_ok=True)
-            write_json_atomic(self.work / TRAIN_SUMMARY, summary)  # last: marks the checkpoint complete
+            write_json_atomic(self.work / RUN_STATS, {k: summary.get(k) for k in RUN_STATS_KEYS})
+            kept = {k: v for k, v in summary.items() if k not in RUN_STATS_KEYS}
+            write_json_atomic(self.work / TRAIN_SUMMARY, kept)  # last: marks the checkpoint complete
+            live = observer.end_trackers()
+            report = self.cfg.train_report_dir(self.phase)
+            if live is not None:  # the tracker folder first: a finished checkpoint always has its report
+                report.parent.mkdir(parents=True, exist_ok=True)
+                replace_dir(live, report)
+            else:
+                shutil.rmtree(report, ignore_errors=True)  # no stale report of another run (DVC declares it)
+                report.mkdir(parents=True)
             replace_dir(self.work, self.out)
             observer.finish(summary_metadata(summary, records, self.out, png))
         elif observer is not None:

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from llava_core.artifacts import PREEMPTED, TRAIN_SUMMARY
+from llava_core.artifacts import PREEMPTED, RUN_STATS, TRAIN_SUMMARY
 from llava_core.atomic import write_json_atomic
 from llava_core.config import PipelineConfig
 from llava_core.phases import PHASE_NAMES, get_phase
@@ -156,6 +156,8 @@ def finished(cfg: PipelineConfig, phase: str) -> TrainResult:
         )
     out = cfg.checkpoint_dir(phase)
     summary = json.loads((out / TRAIN_SUMMARY).read_text())
+    if (out / RUN_STATS).is_file():
+        summary.update(json.loads((out / RUN_STATS).read_text()))
     spec_path(cfg, phase).unlink(missing_ok=True)
     return TrainResult(phase, out, summary["steps"], summary["final_loss"], summary)
 

@@ -1,9 +1,14 @@
-"""What a training run shows: metrics JSON lines, TensorBoard, a progress bar, Dagster Pipes, FLOPs and MFU.
+"""What a training run shows: metrics JSON lines, the trackers, a progress bar, Dagster Pipes, FLOPs and MFU.
 
-Only the main process observes. Under Dagster Pipes (the asset launched the run with
-`PipesSubprocessClient`, which sets `DAGSTER_PIPES_CONTEXT`) it also streams its log lines and each metrics
-record to the asset and reports the final metadata; started from the CLI or DVC the same code runs without
-Pipes. This module imports `dagster_pipes` (the small protocol package), never `dagster`.
+Only the main process observes. The trackers (`train.<phase>.trackers`): TensorBoard event files in the
+checkpoint's `tensorboard/`; DVCLive, MLflow and W&B through accelerate's own tracker classes. DVCLive writes
+`reports/train/<phase>/` (`metrics.json`, `plots/metrics/<metric>.tsv`, `params.yaml`), the folder `dvc exp
+show` and `dvc plots` read, and gets only the numbers a run's settings decide (loss, learning rate, gradient
+norm, epoch), so the folder, kept in git, is the same for the same settings on any machine; the throughput
+figures of this machine go to metrics.jsonl, TensorBoard, MLflow and W&B. Under Dagster Pipes (the asset
+launched the run with `PipesSubprocessClient`, which sets `DAGSTER_PIPES_CONTEXT`) it also streams its log lines
+and each metrics record to the asset and reports the final metadata; started from the CLI or DVC the same code
+runs without Pipes. This module imports `dagster_pipes` (the small protocol package), never `dagster`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llava_core.artifacts import LOSS_CURVE, METRICS  # noqa: F401  (re-exported)
+from llava_core.artifacts import LOSS_CURVE, METRICS, TENSORBOARD_DIR  # noqa: F401  (LOSS_CURVE re-exported)
 
 log = logging.getLogger("llava_core.training")
 
@@ -25,6 +30,11 @@ if TYPE_CHECKING:
     from llava_core.model.llava import LlavaModel
 
 CURVE_FIELDS = ("step", "loss", "lr", "grad_norm")
+# What DVCLive records: the curve a run's settings decide (the same on any machine), not this machine's speed.
+LIVE_FIELDS = ("loss", "lr", "grad_norm", "epoch")
+ACCELERATE_TRACKERS = ("dvclive", "mlflow", "wandb")  # accelerate.tracking's classes; TensorBoard is our own writer
+LIVE_DIR = "dvclive"  # inside the partial run; moved to reports/train/<phase>/ with the finished checkpoint
+PROJECT = "llava-pipeline"  # MLflow experiment (MLFLOW_EXPERIMENT_NAME wins), W&B project (WANDB_PROJECT wins)
 
 # Dense bf16 peak TFLOPs per device (vendor datasheets) by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0}
@@ -205,15 +215,56 @@ def under_pipes() -> bool:
     return PipesEnvVarParamsLoader().is_dagster_pipes_process()
 
 
+def make_tracker(name: str, folder: Path, phase: str):
+    """accelerate's tracker object `name`: DVCLive in the run's folder, neither saving an experiment nor editing
+    dvc.yaml (the pipeline's dvc.yaml declares the folder); MLflow and W&B runs named after the phase (their
+    tracking URI, mode and folder come from their own variables: MLFLOW_TRACKING_URI, WANDB_MODE, WANDB_DIR)."""
+    import os
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    if name == "dvclive":
+        return cls(phase, dir=str(folder / LIVE_DIR), save_dvc_exp=False, dvcyaml=None, resume=False)
+    if name == "mlflow":
+        return cls(experiment_name=PROJECT, run_name=phase)
+    return cls(os.environ.get("WANDB_PROJECT", PROJECT), name=phase)  # wandb: the project, then wandb.init's
+
+
+def start_trackers(names: list[str], folder: Path, phase: str, config: dict) -> list:
+    """accelerate's tracker objects for `names` (of ACCELERATE_TRACKERS), started, with the run's settings."""
+    trackers = []
+    for name in names:
+        tracker = make_tracker(name, folder, phase)
+        tracker.start()
+        tracker.store_init_configuration(config)
+        trackers.append(tracker)
+    return trackers
+
+
+def tracker_values(name: str, rec: dict) -> dict:
+    """What tracker `name` logs of a metrics record: numbers only; DVCLive the settings-decided ones."""
+    keys = LIVE_FIELDS if name == "dvclive" else rec
+    return {k: rec[k] for k in keys if k != "step" and isinstance(rec.get(k), int | float)}
+
+
 class TrainObserver:
-    """Main-process sink for each metrics record: JSON lines, TensorBoard, tqdm and (under Pipes) Dagster.
+    """Main-process sink for each metrics record: JSON lines, the trackers, tqdm and (under Pipes) Dagster.
 
     `start_step` > 0 means a resumed run: records after it (written by the killed run past its last
-    checkpoint) are dropped from metrics.jsonl and TensorBoard, so the files hold one loss curve.
+    checkpoint) are dropped from metrics.jsonl and TensorBoard, and the records kept are logged again to the
+    other trackers (a new run of theirs), so each holds one loss curve.
     """
 
     def __init__(
-        self, folder: Path, phase: str, total_steps: int, start_step: int, main: bool, tensorboard: bool
+        self,
+        folder: Path,
+        phase: str,
+        total_steps: int,
+        start_step: int,
+        main: bool,
+        trackers: list[str],
+        config: dict | None = None,
     ) -> None:
         self.folder, self.phase, self.main = Path(folder), phase, main
         self._stack = ExitStack()
@@ -221,6 +272,7 @@ class TrainObserver:
         self.pipes = None
         self.tb = None
         self.bar = None
+        self.trackers: list = []
         if not main:
             return
         path = self.folder / METRICS
@@ -229,11 +281,16 @@ class TrainObserver:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
         self.metrics_f = self._stack.enter_context(open(path, "a"))
-        if tensorboard:
+        if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.folder / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            purge = start_step + 1 if start_step else None
+            self.tb = SummaryWriter(str(self.folder / TENSORBOARD_DIR), purge_step=purge)
             self._stack.callback(self.tb.close)
+        names = [t for t in trackers if t in ACCELERATE_TRACKERS]
+        self.trackers = start_trackers(names, self.folder, phase, config or {})
+        for rec in kept:  # a resumed run: the curve so far, again
+            self._log_trackers(rec)
         from tqdm import tqdm
 
         # disable=None: a bar on a terminal, nothing in CI logs and files
@@ -271,10 +328,23 @@ class TrainObserver:
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(f"train/{key}", value, rec["step"])
             self.tb.flush()
+        self._log_trackers(rec)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
         if self.pipes is not None:
             self.pipes.report_custom_message({"phase": self.phase, **rec})
+
+    def _log_trackers(self, rec: dict) -> None:
+        for tracker in self.trackers:
+            tracker.log(tracker_values(tracker.name, rec), step=rec["step"])
+
+    def end_trackers(self) -> Path | None:
+        """Close the accelerate trackers (DVCLive writes its summary); returns DVCLive's folder, if any."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.finish()
+        live = self.folder / LIVE_DIR
+        return live if any(t.name == "dvclive" for t in trackers) and live.is_dir() else None
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -287,6 +357,7 @@ class TrainObserver:
         self.close()
 
     def close(self) -> None:
+        self.end_trackers()
         self._stack.close()
         self._pipes_stack.close()
 
@@ -296,5 +367,12 @@ class TrainObserver:
 
     def fail(self, exc: BaseException) -> None:
         """Close everything, handing the exception to Dagster (the run shows it) when under Pipes."""
+        for tracker in self.trackers:  # an MLflow run ends as failed, not finished
+            if tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status="FAILED")
+        self.trackers = [t for t in self.trackers if t.name != "mlflow"]
+        self.end_trackers()
         self._stack.__exit__(type(exc), exc, exc.__traceback__)
         self._pipes_stack.__exit__(type(exc), exc, exc.__traceback__)

@@ -203,7 +203,13 @@ class Recipe:
             self.checkpoints.load(model, resume)
         start_step = pos.step
         self.observer = TrainObserver(
-            self.checkpoints.work, self.phase, total_steps, start_step, acc.is_main_process, self.tc.tensorboard
+            self.checkpoints.work,
+            self.phase,
+            total_steps,
+            start_step,
+            acc.is_main_process,
+            self.tc.trackers,
+            self._tracked_settings(total_steps),
         )
         self.observer.replay(self._early_lines)
         if resume is not None:
@@ -267,6 +273,19 @@ class Recipe:
             else:  # the epoch ran out (an accumulation group may go on in the next one)
                 pos.epoch, pos.offset = pos.epoch + 1, 0
         return totals, last
+
+    def _tracked_settings(self, total_steps: int) -> dict:
+        """The run's settings as the trackers log them (flat, scalar values): the phase's train section, the
+        seed and preset, and the step count they give."""
+        flat = {"phase": self.phase, "preset": self.cfg.preset, "seed": self.cfg.seed, "total_steps": total_steps}
+        for k, v in self.tc.model_dump(exclude={"trackers", "accelerate_config"}).items():
+            if isinstance(v, dict):
+                flat.update({f"{k}.{kk}": vv for kk, vv in v.items() if isinstance(vv, bool | int | float | str)})
+            elif isinstance(v, list):
+                flat[k] = ",".join(map(str, v))
+            elif isinstance(v, bool | int | float | str):
+                flat[k] = v
+        return flat
 
     def _summary(self, pos, records, seconds, totals, last, resumed_from) -> dict:
         return {

@@ -149,7 +149,7 @@ def test_each_drop_reason_is_counted(cfg):
     assert report["dropped"] == dict(sorted(expected_dropped.items()))
     assert report["dropped_total"] == 20
     assert report["converter"] == "llava_json" and report["dataset"] == "mydata"
-    assert report["source_file"] == str(cfg.raw_dir(SRC) / "data.json")
+    assert report["source_file"] == (cfg.raw_dir(SRC) / "data.json").relative_to(cfg.root).as_posix()
     # no temporary files left next to the outputs
     assert sorted(p.name for p in res.path.parent.iterdir()) == ["mydata.jsonl", "mydata.report.json"]
 

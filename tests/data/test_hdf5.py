@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 from collections import Counter
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -169,7 +168,7 @@ def test_loss_tokens_decode_to_the_record_answers(ws, tok, phase):
     params, data, paths = read_phase(cfg.hdf5_dir(phase))
     assert params["eos_id"] == tok.eos_token_id and params["pad_id"] == tok.pad_token_id
     assert params["bos_id"] == tok.bos_token_id and params["vocab_size"] == len(tok)
-    records = jsonl_records(params)
+    records = jsonl_records(params, cfg.root)
     by_image = {r["image"]: r for r in records if "image" in r}
     assert len(by_image) == sum("image" in r for r in records)  # image paths are unique per record
     text_only_answers = Counter(tuple(answers_of(r, cfg.hdf5[phase].prompt_style)) for r in records if "image" not in r)
@@ -234,7 +233,9 @@ def test_image_slots_and_key_padding(ws, tok, phase):
 def test_counts_and_token_stats(ws, phase):
     cfg, results = ws
     params, data, _ = read_phase(cfg.hdf5_dir(phase))
-    n_lines = sum(1 for p in params["settings"]["inputs"] for line in Path(p).read_text().splitlines() if line.strip())
+    n_lines = sum(
+        1 for p in params["settings"]["inputs"] for line in (cfg.root / p).read_text().splitlines() if line.strip()
+    )
     assert params["processed"] == n_lines == results[phase].processed
     assert params["processed"] == params["examples"] + params["discarded"]
     assert params["discarded"] == sum(params["discarded_by_reason"].values())

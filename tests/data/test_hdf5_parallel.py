@@ -67,7 +67,7 @@ def test_shuffle_is_seeded_and_mixes_examples_across_files(root):
     b = rebuild(root, "seed0_again", shard_size=6)
     assert digests(a) == digests(b)
     params, data, paths = read_phase(a)
-    records = [json.loads(line) for line in Path(params["settings"]["inputs"][0]).read_text().splitlines()[:20]]
+    records = [json.loads(line) for line in (root / params["settings"]["inputs"][0]).read_text().splitlines()[:20]]
     position = {r["image"]: k for k, r in enumerate(records) if "image" in r}  # input order of image records
     order = [position[p] for p in paths if p in position]
     assert order != sorted(order)

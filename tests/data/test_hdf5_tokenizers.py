@@ -81,7 +81,7 @@ def test_written_examples_decode_to_the_answers(workspace, kind, style):
         assert tok.pad_token_id == len(tok) - 1 != tok.unk_token_id
     else:
         assert tok.pad_token_id == tok.unk_token_id == 0  # Llama/Mistral folders have no pad: unk pads
-    records = jsonl_records(data_params)
+    records = jsonl_records(data_params, cfg.root)
     assert result.examples == len(records) == 22 and result.discarded == {}
 
     start = data_params["image_patch_info"]["image_patch_start_idx"]

@@ -301,9 +301,12 @@ def test_import_rejects_an_unsupported_hf_layout(trained_like_checkpoint, tmp_pa
 # --- training <-> original LLaVA -------------------------------------------------------------------------------
 
 
-def test_original_llava_layout_and_config(trained_like_checkpoint):
+def test_original_llava_layout_and_config(trained_like_checkpoint, monkeypatch):
+    import os
+
     from PIL import Image
-    from transformers import AutoImageProcessor, CLIPVisionModel
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, CLIPImageProcessor, CLIPVisionModel
 
     cfg, folder = trained_like_checkpoint
     result = export_llava(cfg)
@@ -316,7 +319,7 @@ def test_original_llava_layout_and_config(trained_like_checkpoint):
         "mm_hidden_size": 64,
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",
-        "mm_vision_tower": str((out / "image_model").resolve()),
+        "mm_vision_tower": "image_model",  # relative to the export folder: no absolute path in the output
         "mm_use_im_start_end": False,
         "mm_use_im_patch_token": False,
         "image_aspect_ratio": "pad",
@@ -341,6 +344,14 @@ def test_original_llava_layout_and_config(trained_like_checkpoint):
     torch.testing.assert_close(pixels, clip_transform(img, 32), atol=0.05, rtol=0)
     tok = AutoTokenizer.from_pretrained(out / "text_model_llava")
     assert len(tok) == VOCAB and tok.eos_token_id == 2
+    # LLaVA's own rule (llava/model/multimodal_encoder/builder.py, clip_encoder.py): mm_vision_tower is taken when
+    # os.path.exists() finds it, then CLIPImageProcessor / CLIPVisionModel.from_pretrained(mm_vision_tower), all
+    # from the working directory: run from inside the export folder, the relative name loads the tower
+    monkeypatch.chdir(out)
+    tower_name = config["mm_vision_tower"]
+    assert os.path.exists(tower_name) and not os.path.isabs(tower_name)
+    assert_same_weights(model.image_model.state_dict(), CLIPVisionModel.from_pretrained(tower_name).state_dict())
+    assert CLIPImageProcessor.from_pretrained(tower_name).crop_size["height"] == 32
 
 
 def test_training_original_training_round_trip_is_bit_identical(trained_like_checkpoint, tmp_path):

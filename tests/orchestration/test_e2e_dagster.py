@@ -46,11 +46,16 @@ def test_definitions_load_with_lineage_and_job():
         dg.AssetKey("raw_synthetic_shapes"),
         dg.AssetKey("hdf5_phase2"),  # the training questions' suffix statistics
     }
+    # the data and training stages also read the images: the source folder of their datasets
     assert graph.get(dg.AssetKey("checkpoint_phase2")).parent_keys == {
         dg.AssetKey("hdf5_phase2"),
         dg.AssetKey("checkpoint_phase1"),
+        dg.AssetKey("raw_synthetic_shapes"),
     }
-    assert graph.get(dg.AssetKey("hdf5_phase1")).parent_keys == {dg.AssetKey("jsonl_shapes_pretrain")}
+    assert graph.get(dg.AssetKey("hdf5_phase1")).parent_keys == {
+        dg.AssetKey("jsonl_shapes_pretrain"),
+        dg.AssetKey("raw_synthetic_shapes"),
+    }
     job = defs.resolve_job_def("llava_pipeline")
     assert {n.name for n in job.nodes} == EXPECTED_ASSETS | {"validate_phase1", "validate_phase2"}
     # each hdf5 asset carries its two blocking Great Expectations checks

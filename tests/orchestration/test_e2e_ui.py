@@ -25,17 +25,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT
-from tests.orchestration.test_e2e_dvc import run
+from tests.conftest import PROJECT, dvc_project
+from tests.orchestration.conftest import run
 
 pytestmark = pytest.mark.e2e
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ASSETS = {
-    "raw_synthetic_shapes": ("download@synthetic_shapes", "data/raw/synthetic_shapes"),
-    "raw_shapes_local": ("download@shapes_local", "data/raw/shapes_local"),
-    "jsonl_shapes_pretrain": ("convert@shapes_pretrain", "data/jsonl/shapes_pretrain.jsonl"),
-    "jsonl_shapes_instruct": ("convert@shapes_instruct", "data/jsonl/shapes_instruct.jsonl"),
+    "raw_synthetic_shapes": ("download_synthetic_shapes", "data/raw/synthetic_shapes"),
+    "raw_shapes_local": ("download_shapes_local", "data/raw/shapes_local"),
+    "jsonl_shapes_pretrain": ("convert_shapes_pretrain", "data/jsonl/shapes_pretrain.jsonl"),
+    "jsonl_shapes_instruct": ("convert_shapes_instruct", "data/jsonl/shapes_instruct.jsonl"),
     "hdf5_phase1": ("hdf5_phase1", "data/hdf5/phase1"),
     "hdf5_phase2": ("hdf5_phase2", "data/hdf5/phase2"),
     "checkpoint_phase1": ("train_phase1", "checkpoints/phase1"),

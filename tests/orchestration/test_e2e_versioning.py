@@ -27,14 +27,14 @@ from orchestration.definitions import build_assets, build_definitions
 from orchestration.dvc import DvcRepo
 from orchestration.resources import PipelineSettings
 from tests.conftest import PROJECT, dvc_project
-from tests.orchestration.test_e2e_dvc import run
+from tests.orchestration.conftest import run
 
 pytestmark = pytest.mark.e2e
 
 DATA_ASSETS = {
-    "raw_synthetic_shapes": ("download@synthetic_shapes", "data/raw/synthetic_shapes"),
-    "jsonl_shapes_pretrain": ("convert@shapes_pretrain", "data/jsonl/shapes_pretrain.jsonl"),
-    "jsonl_shapes_instruct": ("convert@shapes_instruct", "data/jsonl/shapes_instruct.jsonl"),
+    "raw_synthetic_shapes": ("download_synthetic_shapes", "data/raw/synthetic_shapes"),
+    "jsonl_shapes_pretrain": ("convert_shapes_pretrain", "data/jsonl/shapes_pretrain.jsonl"),
+    "jsonl_shapes_instruct": ("convert_shapes_instruct", "data/jsonl/shapes_instruct.jsonl"),
     "hdf5_phase1": ("hdf5_phase1", "data/hdf5/phase1"),
     "hdf5_phase2": ("hdf5_phase2", "data/hdf5/phase2"),
 }
@@ -99,7 +99,7 @@ def test_dagster_and_dvc_agree_push_pull_and_sync(tmp_path, venv_env, s3_endpoin
         p["hdf5"]["phase1"]["shard_size"] = 8  # 20 records -> 3 shards instead of 1
         params.write_text(yaml.safe_dump(p, sort_keys=False))
         out = run(["dvc", "repro", "hdf5_phase1"], repo, env)
-        assert "Running stage 'hdf5_phase1'" in out and "convert@" not in out.split("Running stage")[-1]
+        assert "Running stage 'hdf5_phase1'" in out and "convert_" not in out.split("Running stage")[-1]
         new_md5 = lock_md5(repo, "hdf5_phase1", "data/hdf5/phase1")
         assert new_md5 != mats["hdf5_phase1"].tags["dagster/data_version"]
         sensor = defs.resolve_sensor_def("dvc_lock_sync")
@@ -113,7 +113,7 @@ def test_dagster_and_dvc_agree_push_pull_and_sync(tmp_path, venv_env, s3_endpoin
         event = sync.asset_events[0]
         assert event.tags["dagster/data_version"] == new_md5
         assert event.tags["dagster/input_data_version/jsonl_shapes_pretrain"] == lock_md5(
-            repo, "convert@shapes_pretrain", "data/jsonl/shapes_pretrain.jsonl"
+            repo, "convert_shapes_pretrain", "data/jsonl/shapes_pretrain.jsonl"
         )
         for e in sync.asset_events:  # what the sensor daemon does with them
             instance.report_runless_asset_event(e)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from llava_core import pipeline
 from llava_core.artifacts import RESUME_KEY
@@ -348,17 +349,30 @@ def test_loss_and_score_pictures(tmp_path):
     assert meta["loss_curve"]["raw_value"] == loss_curve_markdown(RECORDS) and meta["steps"] == 30
 
 
-def test_observer_writes_metrics_and_tensorboard_and_truncates_on_resume(tmp_path):
+def live_curve(folder, metric: str) -> list[tuple[int, float]]:
+    """DVCLive's plots file of one metric: (step, value) rows."""
+    rows = (folder / "dvclive" / "plots" / "metrics" / f"{metric}.tsv").read_text().splitlines()
+    assert rows[0] == f"step\t{metric}"  # no timestamp column: the same settings give the same file
+    return [(int(s), round(float(v), 4)) for s, v in (r.split("\t") for r in rows[1:])]
+
+
+def test_observer_writes_metrics_tensorboard_dvclive_and_truncates_on_resume(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    obs = TrainObserver(tmp_path, "phase1", 30, 0, main=True, tensorboard=True)
+    trackers = ["tensorboard", "dvclive"]
+    obs = TrainObserver(tmp_path, "phase1", 30, 0, main=True, trackers=trackers, config={"learning_rate": 1e-3})
     assert obs.pipes is None  # not launched by Dagster
     for r in RECORDS[:5]:
-        obs.record(r)
+        obs.record({**r, "tokens_per_s": 100.0 + r["step"]})
     obs.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert live_curve(tmp_path, "loss") == [(1, 4.9), (2, 4.8), (3, 4.7), (4, 4.6), (5, 4.5)]
+    summary = json.loads((tmp_path / "dvclive/metrics.json").read_text())
+    assert summary["step"] == 5 and summary["loss"] == pytest.approx(4.5)
+    assert "tokens_per_s" not in summary  # this machine's speed stays out of the folder kept in git
+    assert yaml.safe_load((tmp_path / "dvclive/params.yaml").read_text()) == {"learning_rate": 1e-3}
     # a resumed run (checkpoint at step 3) drops what the killed run logged after it
-    obs = TrainObserver(tmp_path, "phase1", 30, 3, main=True, tensorboard=True)
+    obs = TrainObserver(tmp_path, "phase1", 30, 3, main=True, trackers=trackers)
     obs.record({**RECORDS[3], "loss": 9.0})
     obs.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")][-2:] == [(3, 4.7), (4, 9.0)]
@@ -366,8 +380,9 @@ def test_observer_writes_metrics_and_tensorboard_and_truncates_on_resume(tmp_pat
     acc.Reload()
     losses = [(e.step, round(e.value, 4)) for e in acc.Scalars("train/loss")]
     assert losses == [(1, 4.9), (2, 4.8), (3, 4.7), (4, 9.0)]  # purged past the checkpoint, then continued
-    assert not (TrainObserver(tmp_path / "other", "phase1", 3, 0, main=False, tensorboard=True).tb)
-    failing = TrainObserver(tmp_path, "phase1", 30, 4, main=True, tensorboard=True)
+    assert live_curve(tmp_path, "loss") == losses  # DVCLive: the kept steps logged again, then the new one
+    assert not (TrainObserver(tmp_path / "other", "phase1", 3, 0, main=False, trackers=trackers).tb)
+    failing = TrainObserver(tmp_path, "phase1", 30, 4, main=True, trackers=["tensorboard"])
     failing.fail(RuntimeError("out of memory"))  # a crashing run still closes (and under Pipes, reports) it all
     assert failing.metrics_f.closed
 
@@ -395,7 +410,8 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path):
 
 
 def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
-    """The project's dvc.yaml `plots:` over the loss curves (csv) and the pictures (png), through real `dvc plots show`."""
+    """The project's dvc.yaml `plots:` over the DVCLive folders the observer writes (reports/train/<phase>/) and
+    the pictures (png), through real `dvc plots show`."""
     import shutil
     import subprocess
 
@@ -404,10 +420,16 @@ def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
     from llava_core.plots import loss_plot, scores_plot
 
     for phase, records in (("phase1", RECORDS[:4]), ("phase2", RECORDS[:6])):
+        (tmp_path / "run" / phase).mkdir(parents=True)
+        obs = TrainObserver(tmp_path / "run" / phase, phase, 30, 0, main=True, trackers=["dvclive"])
+        for r in records:
+            obs.record(r)
+        live = obs.end_trackers()
+        obs.close()
+        (tmp_path / "reports" / "train").mkdir(parents=True, exist_ok=True)
+        live.rename(tmp_path / "reports" / "train" / phase)  # where the finished checkpoint's run puts it
         (tmp_path / "checkpoints" / phase).mkdir(parents=True)
-        write_loss_curve(records, tmp_path / "checkpoints" / phase / "loss_curve.csv")
         loss_plot(records, tmp_path / "checkpoints" / phase / "loss_curve.png", phase)
-    (tmp_path / "reports").mkdir()
     scores_plot({"color": {"accuracy": 0.5, "metric": "exact_match", "n": 2}}, tmp_path / "reports/eval_scores.png")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True, env=venv_env)
@@ -419,10 +441,10 @@ def test_dvc_plots_read_the_loss_curves(tmp_path, venv_env):
     by_file = {}
     for v in values:
         by_file.setdefault(v["filename"], []).append((int(v["step"]), float(v["loss"])))
-    assert by_file == {
-        "phase1/loss_curve.csv": [(r["step"], r["loss"]) for r in RECORDS[:4]],
-        "phase2/loss_curve.csv": [(r["step"], r["loss"]) for r in RECORDS[:6]],
-    }
+    assert {name.split("/")[0]: rows for name, rows in by_file.items()} == {
+        "phase1": [(r["step"], r["loss"]) for r in RECORDS[:4]],
+        "phase2": [(r["step"], r["loss"]) for r in RECORDS[:6]],
+    }, sorted(by_file)
     assert "train_lr" in plots
     # the pictures, as image plots: DVC hands out the files themselves
     for image in ("checkpoints/phase1/loss_curve.png", "checkpoints/phase2/loss_curve.png", "reports/eval_scores.png"):

@@ -22,6 +22,7 @@ Further tokenizer folders are loaded the way the mode loads its tokenizer and to
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -136,7 +137,9 @@ def llava(folder: str, image: Image.Image, *tokenizers: str) -> dict:
             self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             self.post_init()
 
-    model_path = str(Path(folder) / "text_model_llava")
+    # LLaVA's scripts run from inside the export folder: `mm_vision_tower` (image_model) is found from there
+    os.chdir(folder)
+    model_path = "text_model_llava"
     name = Path(model_path).name  # get_model_name_from_path: the last path part
     assert "llava" in name.lower() and "mistral" not in name.lower() and "mpt" not in name.lower(), name
     tok = AutoTokenizer.from_pretrained(model_path, use_fast=False)
