@@ -305,7 +305,6 @@ def test_original_llava_layout_and_config(trained_like_checkpoint, monkeypatch):
     import os
 
     from PIL import Image
-    from safetensors.torch import load_file
     from transformers import AutoImageProcessor, CLIPImageProcessor, CLIPVisionModel
 
     cfg, folder = trained_like_checkpoint

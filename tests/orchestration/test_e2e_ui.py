@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT, dvc_project
+from tests.conftest import PROJECT
 from tests.orchestration.conftest import run
 
 pytestmark = pytest.mark.e2e
