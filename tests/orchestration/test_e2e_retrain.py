@@ -45,9 +45,8 @@ def test_weekly_retrain_runs_only_what_changed(demo_run):
 
         def tick(week: int, sched=schedule):
             when = MONDAY + dt.timedelta(weeks=week)
-            return sched(
-                dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources)
-            )
+            with dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources) as c:
+                return sched(c)
 
         quiet = tick(0)  # nothing changed since the demo
         assert isinstance(quiet, dg.SkipReason), quiet

@@ -106,7 +106,9 @@ def test_dagster_and_dvc_agree_push_pull_and_sync(tmp_path, venv_env, s3_endpoin
         resources = {"settings": PipelineSettings(params_path=str(params))}
 
         def tick(cursor=None):
-            return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+            # closed at once: an open context keeps the instance's state storage as Dagster's current one
+            with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+                return sensor(context)
 
         sync = tick()
         assert [e.asset_key.to_user_string() for e in sync.asset_events] == ["hdf5_phase1"]

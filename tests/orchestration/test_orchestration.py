@@ -90,8 +90,10 @@ def test_weekly_retrain_schedule_requests_what_was_never_made(monkeypatch, tmp_p
     when = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.UTC)
     resources = {"settings": PipelineSettings(params_path=str(PROJECT / "params.yaml")), "s3": S3Resource()}
     with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources)
-        request = schedule(context)
+        with dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=when, resources=resources
+        ) as context:
+            request = schedule(context)
     assert request.run_key == "retrain-2026-11-23T03:00:00+00:00"
     assert request.tags["llava/trigger"] == "schedule"
     # nothing materialised yet: every asset, for that reason (tests/orchestration/test_e2e_retrain.py: the rest)
@@ -103,8 +105,10 @@ def test_weekly_retrain_schedule_requests_what_was_never_made(monkeypatch, tmp_p
     published = build_definitions(str(write_params(tmp_path, params))).resolve_schedule_def("weekly_retrain")
     resources["settings"] = PipelineSettings(params_path=str(tmp_path / "params.yaml"))
     with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources)
-        assert dg.AssetKey("published_model") in published(context).asset_selection
+        with dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=when, resources=resources
+        ) as context:
+            assert dg.AssetKey("published_model") in published(context).asset_selection
     # the ticks fall on Mondays at 03:00
     start = dt.datetime(2026, 11, 24, tzinfo=dt.UTC).timestamp()
     ticks = schedule_execution_time_iterator(start, schedule.cron_schedule, schedule.execution_timezone)
@@ -157,7 +161,9 @@ def test_s3_sensor_fires_once_per_change(tmp_path, s3_endpoint, aws_env):
 
         def tick():
             nonlocal cursor
-            result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
+            # closed at once: an open context keeps the instance's state storage as Dagster's current one
+            with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+                result = sensor(context)
             cursor = result.cursor
             return result
 
