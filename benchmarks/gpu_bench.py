@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch and the model are imported where a measurement runs (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# --smoke: the tiny preset's own towers (llava_core/config.py), with its tokenizer's vocabulary
+# --smoke: the tiny preset's own towers (llava_core/presets.py), with its tokenizer's vocabulary
 _TINY = PRESETS["tiny"]()["model"]
 TINY_VISION = _TINY["vision_config"]
 TINY_TEXT = {**_TINY["text_config"], "vocab_size": 774}

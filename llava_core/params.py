@@ -215,7 +215,7 @@ def params_reference() -> str:
     lines = [
         "# params.yaml reference",
         "",
-        "Generated from the schema in `llava_core/config.py` (`llava-pipeline params > docs/params.md`; a test",
+        "Generated from the schema in `llava_core/config/` (`llava-pipeline params > docs/params.md`; a test",
         "keeps it current). `model`, `hdf5` and `train` are merged over the preset's values (`preset`); every",
         "other section is read as written.",
     ]

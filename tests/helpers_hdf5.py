@@ -91,3 +91,12 @@ def supervised_answers(row: np.ndarray, tok) -> tuple[str, ...]:
         assert text.endswith(eos), text
         out.append(text[: -len(eos)])
     return tuple(out)
+
+
+def example_rows(
+    enc_ids: list[int], enc_loss: list[int], msl: int, pad_id: int, image_start: int, num_patches: int, has_image: bool
+):
+    """One encoded conversation packed into its (4, MSL) int32 block, as the writer packs its tasks' rows."""
+    from llava_core.data.hdf5_examples import pack_examples
+
+    return pack_examples([(enc_ids, enc_loss, has_image)], msl, pad_id, image_start, num_patches)[0]

@@ -38,13 +38,6 @@ from llava_core.data.prompts import (
 )
 
 
-def example_rows(
-    enc_ids: list[int], enc_loss: list[int], msl: int, pad_id: int, image_start: int, num_patches: int, has_image: bool
-) -> np.ndarray:
-    """Pack one encoded conversation into the (4, MSL) int32 block."""
-    return pack_examples([(enc_ids, enc_loss, has_image)], msl, pad_id, image_start, num_patches)[0]
-
-
 def pack_examples(
     examples: list[tuple[list[int], list[int], bool]], msl: int, pad_id: int, image_start: int, num_patches: int
 ) -> np.ndarray:

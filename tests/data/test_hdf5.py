@@ -14,14 +14,13 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from llava_core.data.convert import convert
-from llava_core.data.hdf5_examples import example_rows
 from llava_core.data.hdf5_writer import build_hdf5
 from llava_core.data.prompts import PROMPT_SUFFIXES
 from llava_core.data.sources import download
 from llava_core.params import load_config
 from llava_core.presets import PRESETS
 from llava_core.training.dataset import LlavaHdf5Dataset, collate_trimmed
-from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, answers_of, jsonl_records, read_phase, supervised_answers
+from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, answers_of, example_rows, jsonl_records, read_phase, supervised_answers
 from tests.helpers_unit import TINY_TOKENIZER, base_params, write_params, write_png, write_truncated_png
 
 PHASES = ("phase1", "phase2")

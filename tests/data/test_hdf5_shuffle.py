@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 
 from llava_core.atomic import DiskFullError
-from llava_core.data.hdf5_examples import example_rows
 from llava_core.data.hdf5_shuffle import Layout, Spool, SpoolReader, shard_jobs
 from llava_core.data.hdf5_writer import build_hdf5
 from llava_core.data.prompts import encode_conversation
 from llava_core.data.tokenizer import load_tokenizer
-from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, read_phase, small_workspace
+from tests.helpers_hdf5 import TEXT_ONLY_EXTRA, example_rows, read_phase, small_workspace
 from tests.helpers_reliability import fill, hidden_leftovers, tmpfs
 
 TOO_LONG = {"id": "long", "conversations": [{"from": "human", "value": "Q? " * 400}, {"from": "gpt", "value": "A."}]}
