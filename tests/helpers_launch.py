@@ -22,16 +22,21 @@ CLUSTER_SCRIPT = PROJECT / "scripts" / "slurm_cluster.py"
 
 def build_data(root: Path) -> Path:
     """The small source downloaded, converted and packed for both phases under `root`."""
-    from llava_core import pipeline
     from llava_core.params import load_config
 
-    cfg = load_config(e2e_params(root, root=str(root)))
+    build_phases(load_config(e2e_params(root, root=str(root))))
+    return root
+
+
+def build_phases(cfg) -> None:
+    """Download, convert and pack both phases of `cfg`'s workspace through the stage table's runners."""
+    from llava_core import pipeline
+
     pipeline.run_download(cfg, "synthetic_shapes")
     for name in cfg.datasets:
         pipeline.run_convert(cfg, name)
     for phase in ("phase1", "phase2"):
         pipeline.run_hdf5(cfg, phase)
-    return root
 
 
 def workspace(folder: Path, data_root: Path, **phases: dict) -> Path:

@@ -24,6 +24,10 @@ NO_IMAGE = b"None"
 ROWS = ("input_ids", "loss_mask", "labels", "key_padding_mask")
 STRING = h5py.string_dtype(encoding="utf-8")
 BLOCK = 4096  # rows read at once: 4096 x 4 x MSL int32 (128 MiB at MSL 2048)
+# Random access keeps at most this many shards open (least recently used closed first): each open file holds
+# h5py's chunk cache (~0.7 MiB after a few random reads), so a loader over 1M examples in 500 shards held 350 MiB
+# more than one over 100k (benchmarks/bench_scale.py); reopening a shard costs well under a millisecond.
+MAX_OPEN_FILES = 32
 
 
 def shard_name(chunk: int) -> str:
@@ -100,9 +104,13 @@ class Hdf5Folder:
     def _file(self, k: int) -> h5py.File:
         if self._pid != os.getpid():  # forked into a worker: never share h5py handles across processes
             self._handles, self._pid = {}, os.getpid()
-        if k not in self._handles:
-            self._handles[k] = h5py.File(self.files[k], "r")
-        return self._handles[k]
+        h5 = self._handles.pop(k, None)  # re-inserted below: the dict's order is the order of last use
+        if h5 is None:
+            if len(self._handles) >= MAX_OPEN_FILES:
+                self._handles.pop(next(iter(self._handles))).close()
+            h5 = h5py.File(self.files[k], "r")
+        self._handles[k] = h5
+        return h5
 
     def example(self, i: int) -> tuple[np.ndarray, str | None]:
         """Example `i`: its (4, MSL) int32 block and its image path (None: text-only)."""

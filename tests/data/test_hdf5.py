@@ -393,6 +393,26 @@ def test_reader_with_two_loader_workers_matches_direct_reads(ws):
     assert clone.data._handles == {} and torch.equal(clone[len(ds) - 1]["input_ids"], direct[-1]["input_ids"])
 
 
+def test_random_access_keeps_a_bounded_number_of_shards_open(ws, monkeypatch):
+    """Reading examples at random over more shards than the bound holds at most MAX_OPEN_FILES open, closes the
+    least recently used first, and reads the same examples as with every file open."""
+    from llava_core.data import hdf5_format
+
+    cfg, _ = ws
+    folder = hdf5_format.Hdf5Folder(cfg.hdf5_dir("phase2"))
+    assert len(folder.files) >= 3
+    want = [folder.example(i)[0] for i in range(len(folder))]  # every shard open (the bound is above the count)
+    monkeypatch.setattr(hdf5_format, "MAX_OPEN_FILES", 2)
+    bounded = hdf5_format.Hdf5Folder(cfg.hdf5_dir("phase2"))
+    order = np.random.default_rng(5).permutation(len(bounded))
+    for i in order:
+        assert np.array_equal(bounded.example(int(i))[0], want[i])
+        assert len(bounded._handles) <= 2
+    kept = list(bounded._handles.values())
+    last = int(np.searchsorted(bounded.offsets, order[-1], side="right") - 1)
+    assert list(bounded._handles)[-1] == last and all(h.id.valid for h in kept)  # the last used is kept
+
+
 def test_nothing_surviving_is_an_error_naming_the_reasons_and_leaves_nothing(tmp_path):
     cfg = load_config(write_params(tmp_path, base_params(tmp_path / "ws")))
     for ds in ("shapes_pretrain", "shapes_instruct"):

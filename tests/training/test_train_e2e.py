@@ -23,6 +23,7 @@ from llava_core.training.launch import launch_command, launch_env, train
 from llava_core.training.observe import read_metrics
 from llava_core.training.sampler import EpochBatches, record_info
 from tests.conftest import PROJECT, e2e_params
+from tests.helpers_launch import build_phases
 
 pytestmark = pytest.mark.e2e
 
@@ -43,12 +44,7 @@ def _params(folder: Path, data_root: Path, **phase_overrides) -> Path:
 def data_root(tmp_path_factory) -> Path:
     """One workspace with the small source converted and packed for both phases."""
     root = tmp_path_factory.mktemp("train_data")
-    cfg = load_config(_params(root, root))
-    pipeline.run_download(cfg, "synthetic_shapes")
-    for name in cfg.datasets:
-        pipeline.run_convert(cfg, name)
-    for phase in ("phase1", "phase2"):
-        pipeline.run_hdf5(cfg, phase)
+    build_phases(load_config(_params(root, root)))
     return root
 
 
