@@ -33,7 +33,7 @@ STAMP    := $(VENV)/.installed-$(ACCEL_BUILD)-py$(PY_VER)
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench bench-scale lock dagster dvc-remote clean slurm-up slurm-down gpu-check
+.PHONY: setup demo test test-all test-fast lint bench bench-scale lock dagster dvc-remote clean slurm-up slurm-down gpu-check
 
 setup: $(STAMP)
 
@@ -52,7 +52,10 @@ $(STAMP): pyproject.toml requirements-$(ACCEL_BUILD).lock requirements-dvc.lock 
 demo: setup $(DAGSTER_HOME)/dagster.yaml  ## the whole pipeline on the embedded default (in Dagster), then the eval report
 	DAGSTER_HOME=$(DAGSTER_HOME) $(VPY) -m orchestration run
 
-test: setup  ## the full test suite (unit + end-to-end on the tiny preset)
+test: setup  ## the test suite (unit + end-to-end on the tiny preset), without the `slow` ones (about 20 min)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+test-all: setup  ## everything, the SLURM cluster runs and the other transformers versions' environments too
 	$(VENV)/bin/pytest -q
 
 test-fast: setup  ## unit tests only

@@ -65,9 +65,15 @@ def run_train(cfg: PipelineConfig, phase: str, num_processes: int | None = None,
         from llava_core.training.slurm import run_job
 
         return plain(run_guarded(stage("train"), cfg, phase, run_job))
-    from llava_core.training.launch import train
+    from llava_core.training.launch import preflight, train
 
-    return plain(run_guarded(stage("train"), cfg, phase, train, num_processes=num_processes, machines=machines))
+    preflight(cfg, phase, num_processes, machines)  # a launch this machine cannot run writes nothing, not even a lock
+    launch = {"num_processes": num_processes, "machines": machines, "checked": True}
+    if machines is not None and (machines.machine_rank or 0) > 0:
+        # a further machine of a multi-machine launch joins the run the main machine (rank 0) holds the output's
+        # lock for: on a shared file system, waiting for that lock would hold back the run it belongs to
+        return plain(train(cfg, phase, **launch))
+    return plain(run_guarded(stage("train"), cfg, phase, train, **launch))
 
 
 def run_export(cfg: PipelineConfig, _key: None = None) -> dict:

@@ -54,16 +54,23 @@ def dvc_project(repo: Path, env: dict, **sources) -> Path:
         params["sources"][name] = copy.deepcopy(params["sources"]["synthetic_shapes"])
         params["datasets"][dataset]["source"] = name
     path = write_params(repo, params)
-    dvc_yaml = subprocess.run(
-        ["llava-pipeline", "--params", str(path), "dvc-yaml"], env=env, check=True, capture_output=True, text=True
-    )
-    (repo / "dvc.yaml").write_text(dvc_yaml.stdout)
+    write_dvc_yaml(path, env)
     env = {**env, **GIT_IDENTITY}
     # a first commit, as any clone has: DVC experiments need one, and so does DVCLive in the training process
     commit = ["git", "commit", "-q", "-m", "The project's stages and small params"]
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], commit):
         subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
     return path
+
+
+def write_dvc_yaml(params: Path, env: dict) -> None:
+    """dvc.yaml beside `params`, generated for it (`llava-pipeline dvc-yaml`)."""
+    import subprocess
+
+    dvc_yaml = subprocess.run(
+        ["llava-pipeline", "--params", str(params), "dvc-yaml"], env=env, check=True, capture_output=True, text=True
+    )
+    (params.parent / "dvc.yaml").write_text(dvc_yaml.stdout)
 
 
 @pytest.fixture

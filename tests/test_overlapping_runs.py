@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_core.artifacts import DATA_PARAMS, TRAIN_SUMMARY
+from llava_core.artifacts import DATA_PARAMS, RUN_STATS, TRAIN_SUMMARY
 from llava_core.atomic import lock_path
 from llava_core.params import load_config
 from llava_core.stage_guard import read_record
@@ -90,6 +90,7 @@ def test_two_trainings_of_one_phase(workspace, tmp_path):
     assert f"train phase1: waiting for {out}: held by train phase1 (pid {holder['pid']} on " in second
     assert "up to date, not run again" in second and "[phase1] step" not in second  # it did not train
     summary = json.loads((out / TRAIN_SUMMARY).read_text())
+    summary.update(json.loads((out / RUN_STATS).read_text()))  # the result joins the run's figures, as finished()
     assert summary["steps"] == 4 and json.loads(second[second.index("{") :])["summary"] == summary
     assert not (out.parent / ".phase1.partial").exists()
 

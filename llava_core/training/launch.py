@@ -163,11 +163,17 @@ def finished(cfg: PipelineConfig, phase: str) -> TrainResult:
 
 
 def train(
-    cfg: PipelineConfig, phase: str, num_processes: int | None = None, machines: Machines | None = None
+    cfg: PipelineConfig,
+    phase: str,
+    num_processes: int | None = None,
+    machines: Machines | None = None,
+    checked: bool = False,
 ) -> TrainResult:
     """Stage function: run one phase under `accelerate launch` on this machine and return its summary
-    (`launcher: slurm` runs are `llava_core.training.slurm.run_job`'s; the stage runner picks)."""
-    preflight(cfg, phase, num_processes, machines)
+    (`launcher: slurm` runs are `llava_core.training.slurm.run_job`'s; the stage runner picks). `checked`: the
+    caller has already run `preflight` (before taking the output's lock: a refused launch writes nothing)."""
+    if not checked:
+        preflight(cfg, phase, num_processes, machines)
     cmd = launch_command(cfg, phase, num_processes, machines)
     proc = subprocess.run(cmd, env=launch_env())
     if proc.returncode != 0:

@@ -25,7 +25,7 @@ from tests.helpers_sidevenv import run_side, side_python
 from tests.helpers_tokenizers import build_tokenizer_folder
 from tests.helpers_unit import base_params, write_params
 
-pytestmark = pytest.mark.network
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 SIDE = Path(__file__).parent / "side" / "load_export.py"
 VERSIONS = {"transformers-4.37": "4.37.2", "transformers-4.57": "4.57.1"}
 # the side script's two conversations (side/load_export.py) as llava-hf's template renders them

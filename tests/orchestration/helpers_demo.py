@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import PROJECT, dvc_project
+from tests.conftest import GIT_IDENTITY, PROJECT, dvc_project, write_dvc_yaml
 
 LOCAL_SOURCE = "shapes_local"
 
@@ -47,6 +47,9 @@ class Demo:
         for phase in ("phase1", "phase2"):
             params["train"][phase]["log_every"] = 1  # every step on the loss curve (the docs' pictures)
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        write_dvc_yaml(params_path, env)  # the new source's stage
+        commit = ["git", "commit", "-q", "-am", "A second, local source for phase 2's instructions"]
+        subprocess.run(commit, cwd=params_path.parent, env={**env, **GIT_IDENTITY}, check=True, capture_output=True)
         home = root / "dagster_home"
         home.mkdir()
         shutil.copy(PROJECT / "configs/dagster/dagster.yaml", home / "dagster.yaml")

@@ -30,7 +30,7 @@ from orchestration.resources import PipelineSettings
 from tests.helpers_launch import STEPPED, cli, workspace
 from tests.helpers_unit import PROJECT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # every sbatch setting the cluster can honour: partition, CPUs, time limit, account (accounting off: recorded only)
 JOB = {"partition": "debug", "cpus_per_task": 1, "time_limit": "30:00", "account": "llava", "signal_grace_s": 60}
@@ -85,7 +85,8 @@ def test_cli_trains_both_phases_as_slurm_jobs(cli_run, slurm_cluster):
     cfg = load_config(params)
     for phase, steps in (("phase1", 8), ("phase2", 4)):
         summary = json.loads((cfg.checkpoint_dir(phase) / "train_summary.json").read_text())
-        assert summary["steps"] == steps and summary["resumed_from_step"] is None
+        stats = json.loads((cfg.checkpoint_dir(phase) / "run_stats.json").read_text())  # how the run went
+        assert summary["steps"] == steps and stats["resumed_from_step"] is None
         # the job's log streams to the submitter while it runs
         job = _job_id(cfg, phase)
         assert f"[slurm] {phase}: job {job} submitted" in errs[phase]
@@ -159,7 +160,8 @@ def test_a_job_signalled_like_at_its_time_limit_requeues_itself_and_resumes(
     assert f"[slurm] requeueing job {job}: it resumes from the checkpoint" in err
     stopped = int(re.search(r"\[phase1\] stopped by SIGTERM after step (\d+)", err).group(1))
     summary = json.loads((cfg.checkpoint_dir("phase1") / "train_summary.json").read_text())
-    assert (summary["steps"], summary["resumed_from_step"]) == (8, stopped)
+    stats = json.loads((cfg.checkpoint_dir("phase1") / "run_stats.json").read_text())
+    assert (summary["steps"], stats["resumed_from_step"]) == (8, stopped)
     ref = load_file(str(load_config(cli_run[0]).checkpoint_dir("phase1") / "model.safetensors"))
     got = load_file(str(cfg.checkpoint_dir("phase1") / "model.safetensors"))
     for k in ref:
