@@ -21,6 +21,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,27 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS checks (
     reason TEXT, detail TEXT, PRIMARY KEY (digest, settings)) WITHOUT ROWID"""
 
 
+SETUP_WAIT_S = 60.0  # how long opening the cache retries while other processes set it up
+
+
+def _set_up(conn: sqlite3.Connection) -> None:
+    """WAL mode and the table. Switching the journal mode takes the database's exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy timeout, while another process opens it the same moment (two
+    writer processes starting together): retried with a growing pause, up to SETUP_WAIT_S."""
+    deadline, pause = time.monotonic() + SETUP_WAIT_S, 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+            conn.execute("PRAGMA synchronous=NORMAL")  # a cache: a power cut may lose the last rows, never corrupt
+            conn.execute(SCHEMA)
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+
 class ImageCheckCache:
     """Verdicts by content digest, shared by processes; a connection per process, opened at first use."""
 
@@ -91,9 +113,7 @@ class ImageCheckCache:
         if self._conn is None or self._pid != os.getpid():  # never share a connection across a fork
             self.folder.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.folder / DB_NAME, timeout=120, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
-            conn.execute("PRAGMA synchronous=NORMAL")  # a cache: a power cut may lose the last rows, never corrupt
-            conn.execute(SCHEMA)
+            _set_up(conn)
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 

@@ -74,7 +74,11 @@ def test_weekly_retrain_runs_only_what_changed(demo_run):
         made = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
         assert made == PHASE2_CHAIN
         checks = {(c.asset_key.to_user_string(), c.check_name): c.passed for c in result.get_asset_check_evaluations()}
-        assert checks == {("hdf5_phase2", "jsonl_suite"): True, ("hdf5_phase2", "hdf5_suite"): True}
+        assert checks == {
+            ("hdf5_phase2", "jsonl_suite"): True,
+            ("hdf5_phase2", "hdf5_suite"): True,
+            ("eval_report", "prompt_suffixes"): True,  # the evaluation suffixes carried by the training data
+        }
         assert {k: instance.get_latest_materialization_event(dg.AssetKey(k)).run_id for k in PHASE1} == phase1_runs
         params = json.loads((demo_run.repo / "data/hdf5/phase2/data_params.json").read_text())
         assert params["examples"] == len(records) - 1  # phase 2 retrained on the changed source

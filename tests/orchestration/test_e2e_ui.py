@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -114,12 +115,14 @@ def show_lineage(browser, base: str) -> None:
     time.sleep(2)  # let the graph finish its layout
 
 
-@pytest.fixture
-def dagster_dev(tmp_path, demo_run):
-    """`dagster dev` (what `make dagster` runs) on the DAGSTER_HOME and workspace of `make demo`."""
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory, demo_run):
+    """`dagster dev` (what `make dagster` runs) on the DAGSTER_HOME and workspace of `make demo`, one for the
+    module's tests (the page test only reads; the materialisation test reads what it makes)."""
     port = free_port()
     env = {**demo_run.env, "LLAVA_EXECUTOR": "in_process"}  # a run launched here: one process, no start-up per step
-    log = open(tmp_path / "dagster_dev.log", "w")
+    log_path = tmp_path_factory.mktemp("dagster_dev") / "dagster_dev.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster"), "dev", "-h", "127.0.0.1", "-p", str(port)],
         cwd=PROJECT,
@@ -131,11 +134,11 @@ def dagster_dev(tmp_path, demo_run):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for("dagster dev", lambda: urllib.request.urlopen(f"{base}/server_info", timeout=5).status == 200, 180)
-        yield base
+        yield types.SimpleNamespace(base=base, log=log_path)
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # dagster dev shuts its services down on Ctrl-C
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)  # it often takes longer than a test should wait: then the whole group goes
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -204,7 +207,7 @@ def show_picture(browser, key: str, entry: str):
 def test_every_asset_page_shows_the_demos_materialisation(dagster_dev, browser, demo_run, tmp_path):
     from selenium.webdriver.common.by import By
 
-    base = dagster_dev
+    base = dagster_dev.base
     show_lineage(browser, base)  # every asset has its node
     shot = tmp_path / "lineage.png"
     browser.save_screenshot(str(shot))
@@ -241,7 +244,7 @@ def test_every_asset_page_shows_the_demos_materialisation(dagster_dev, browser, 
 def test_materialize_an_asset_from_its_page(dagster_dev, browser, demo_run, tmp_path):
     from selenium.webdriver.common.by import By
 
-    base = dagster_dev
+    base = dagster_dev.base
     before = latest(base)["eval_report"]["run"]
     open_events(browser, base, "eval_report", before)
     button = wait_for(
@@ -258,7 +261,7 @@ def test_materialize_an_asset_from_its_page(dagster_dev, browser, demo_run, tmp_
         return done[0] if done else None
 
     status = wait_for("the run to finish", finished, 600, every_s=3)
-    assert status == "SUCCESS", (tmp_path / "dagster_dev.log").read_text()[-5000:]
+    assert status == "SUCCESS", dagster_dev.log.read_text()[-5000:]
     after = latest(base)["eval_report"]
     assert after["run"] != before
     open_events(browser, base, "eval_report", after["run"])  # the page shows the new materialisation
