@@ -34,9 +34,6 @@ from llava_core.config import PipelineConfig
 
 log = logging.getLogger("llava_core")
 
-# The params sections each stage reads are the stage table's `Stage.params`, which dvc.yaml's `params:` are generated
-# from: a change that DVC would re-run a stage for also changes its fingerprint.
-
 
 def record_path(out: Path) -> Path:
     out = Path(out)
@@ -52,7 +49,8 @@ def read_record(out: Path) -> dict | None:
 
 
 def settings_view(cfg: PipelineConfig, s: Any, key: Any) -> dict:
-    """The settings of one stage run: each params section the stage reads (`Stage.params`), by its dotted name."""
+    """The settings of one stage run: each params section the stage reads (`Stage.params`, which dvc.yaml's
+    `params:` are generated from: a change DVC would re-run the stage for changes its fingerprint), by dotted name."""
     data = cfg.to_dict()
     view = {}
     for name in s.params(cfg, key):
@@ -88,7 +86,8 @@ def fingerprint(cfg: PipelineConfig, s: Any, key: Any) -> str:
         "stage": s.name,
         "key": key,
         "settings": settings_view(cfg, s, key),
-        "inputs": {cfg.rel(p): input_state(p) for p in s.deps(cfg, key)},
+        # what dvc.yaml lists as its data: the other stages' outputs and what else it reads (tokenizer, configs)
+        "inputs": {cfg.rel(p): input_state(p) for p in [*s.deps(cfg, key), *s.files(cfg, key)]},
     }
     if s.name == "download":  # a local folder's files (an S3 prefix is listed by the retrain planner only)
         from llava_core.data.sources import source_state
