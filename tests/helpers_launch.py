@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import yaml
 
 from tests.conftest import e2e_params
@@ -57,10 +62,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def interruptible() -> None:
+    """In a child before it starts: Ctrl-C (SIGINT) back to its default. A test suite started in the background
+    (`make test &`, a CI runner) ignores SIGINT, its children inherit that, and Python then keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(params: Path, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    """`llava-pipeline --params <params> <args>` started in the background."""
+    """`llava-pipeline --params <params> <args>` started in the background (Ctrl-C interrupts it)."""
     exe = str(Path(sys.executable).parent / "llava-pipeline")
-    return subprocess.Popen([exe, "--params", str(params), *args], env=env or os.environ.copy(), text=True, **kw)
+    return subprocess.Popen(
+        [exe, "--params", str(params), *args], env=env or os.environ.copy(), text=True, preexec_fn=interruptible, **kw
+    )
+
+
+def training_processes(spec: Path) -> list[psutil.Process]:
+    """The training processes (`python -m llava_core.training.recipe`) started for a launch spec, not their launcher."""
+    spec, found = Path(spec).resolve(), []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "llava_core.training.recipe" not in cmd or "accelerate.commands.launch" in cmd or "--config-json" not in cmd:
+            continue
+        if Path(cmd[cmd.index("--config-json") + 1]).resolve() == spec:
+            found.append(proc)
+    return found
+
+
+SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def _signalled(proc: psutil.Process) -> bool:
+    """Gone, running again (continued), or stopped with SIGTERM pending."""
+    try:
+        if proc.status() != psutil.STATUS_STOPPED:
+            return True
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return True
+    masks = (int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:")))
+    return any(mask & SIGTERM_BIT for mask in masks)
+
+
+@contextmanager
+def held_between_steps(spec: Path, timeout: float = 120) -> Iterator[None]:
+    """Stop (SIGSTOP) a launch's training processes while the block has SLURM signal them, so that the signal lands
+    mid-training whatever the machine's load (a tiny phase may otherwise finish before a preemption reaches it).
+    On leaving, wait until each has SIGTERM pending or was continued (SLURM sends SIGCONT before a kill's SIGTERM),
+    then continue them: they read the SIGTERM at their next step."""
+    procs = _wait(lambda: training_processes(spec), "training processes", timeout)
+    for proc in procs:
+        proc.suspend()
+    try:
+        yield
+        for proc in procs:
+            _wait(lambda p=proc: _signalled(p), f"SIGTERM for training process {proc.pid}", timeout)
+    finally:
+        for proc in procs:
+            try:
+                proc.resume()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _wait(check: Callable, what: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.1)
+    return found
 
 
 class SlurmCluster:

@@ -39,7 +39,7 @@ OBSERVE_ONLY = ("log_every", "save_every", "keep_last", "num_workers", "resume",
 # The summary figures of how this run went on this machine (wall clock, throughput, MFU, a resume): written to
 # run_stats.json, not train_summary.json, so the checkpoint's DVC hash is the same for the same settings on any
 # machine (.dvcignore leaves run_stats.json, metrics.jsonl and tensorboard/ out of the hash).
-RUN_STATS_KEYS = ("seconds", "tokens_per_s", "samples_per_s", "mfu", "resumed_from_step")
+RUN_STATS_KEYS = ("seconds", "tokens_per_s", "samples_per_s", "mfu", "resumed_from_step", "slurm_job_id")
 
 
 class ResumeMismatch(RuntimeError):

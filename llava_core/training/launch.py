@@ -182,6 +182,20 @@ def train(
 
 
 # --- on a machine of a SLURM job ----------------------------------------------------------------------------------
+def finished_before_requeue(cfg: PipelineConfig, phase: str) -> bool:
+    """Whether this is a requeued job whose training had already written its finished checkpoint (a preemption
+    or the time limit's signal that came after the last step): the checkpoint's run_stats name this job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0"):
+        return False
+    out = cfg.checkpoint_dir(phase)
+    try:
+        stats = json.loads((out / RUN_STATS).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return stats.get("slurm_job_id") == job and (out / TRAIN_SUMMARY).is_file()
+
+
 def node_main(argv: list[str] | None = None) -> int:
     """One machine's launch inside a SLURM job (`srun`, one task per machine): preflight on this machine, then
     `accelerate launch` with the job's machine count, this machine's rank and the first machine's address.
@@ -196,6 +210,10 @@ def node_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by accelerate's launcher (exec keeps SIG_IGN)
     cfg = read_spec(args.config_json)
+    if finished_before_requeue(cfg, args.phase):
+        job = os.environ["SLURM_JOB_ID"]
+        print(f"[slurm] {args.phase} finished before job {job} was requeued: nothing to train again", flush=True)
+        return 0
     sc = cfg.train[args.phase].slurm
     nodes, rank = int(os.environ.get("SLURM_NNODES", "1")), int(os.environ.get("SLURM_NODEID", "0"))
     machines = Machines(nodes, rank, args.main_process_ip) if nodes > 1 else None

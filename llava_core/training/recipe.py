@@ -298,6 +298,7 @@ class Recipe:
             "processes": self.accelerator.num_processes,
             "seconds": seconds,
             "resumed_from_step": resumed_from,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # a requeue of the same job finds its work done
             "tokens_per_s": totals["tokens"] / seconds,
             "samples_per_s": totals["samples"] / seconds,
             "mfu": last.get("mfu") if last else None,

@@ -23,14 +23,15 @@ from assets.train import checkpoint_key
 from llava_core.artifacts import PREEMPTED
 from llava_core.params import load_config
 from llava_core.training.checkpointing import step_checkpoints, work_dir
+from llava_core.training.launch import spec_path
 from llava_core.training.observe import read_metrics
 from llava_core.training.slurm import job_dir
 from orchestration.definitions import build_assets
 from orchestration.resources import PipelineSettings
-from tests.helpers_launch import STEPPED, cli, workspace
+from tests.helpers_launch import STEPPED, cli, held_between_steps, interruptible, workspace
 from tests.helpers_unit import PROJECT
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 # every sbatch setting the cluster can honour: partition, CPUs, time limit, account (accounting off: recorded only)
 JOB = {"partition": "debug", "cpus_per_task": 1, "time_limit": "30:00", "account": "llava", "signal_grace_s": 60}
@@ -86,9 +87,9 @@ def test_cli_trains_both_phases_as_slurm_jobs(cli_run, slurm_cluster):
     for phase, steps in (("phase1", 8), ("phase2", 4)):
         summary = json.loads((cfg.checkpoint_dir(phase) / "train_summary.json").read_text())
         stats = json.loads((cfg.checkpoint_dir(phase) / "run_stats.json").read_text())  # how the run went
-        assert summary["steps"] == steps and stats["resumed_from_step"] is None
-        # the job's log streams to the submitter while it runs
         job = _job_id(cfg, phase)
+        assert summary["steps"] == steps and (stats["resumed_from_step"], stats["slurm_job_id"]) == (None, job)
+        # the job's log streams to the submitter while it runs
         assert f"[slurm] {phase}: job {job} submitted" in errs[phase]
         assert f"[{phase}] step {steps} loss" in errs[phase]
         assert f"[{phase}] step {steps} loss" in (job_dir(cfg) / f"{phase}-{job}.out").read_text()
@@ -106,7 +107,9 @@ def test_dagster_runs_both_phases_on_slurm_and_a_preempted_job_resumes(tmp_path,
 
     def preempt() -> None:  # once 3 steps are logged: a job that needs every CPU of the node
         _wait_for("third step", lambda: len(read_metrics(metrics)) >= 3, timeout=900)
-        slurm_cluster.run("sbatch", "-p", "urgent", "-c", str(os.cpu_count()), "-o", "/dev/null", "--wrap", "sleep 1")
+        with held_between_steps(spec_path(cfg, "phase1")):
+            urgent = ("sbatch", "-p", "urgent", "-c", str(os.cpu_count()), "-o", "/dev/null", "--wrap", "sleep 1")
+            slurm_cluster.run(*urgent)
 
     (tmp_path / "home").mkdir()
     thread = threading.Thread(target=preempt, daemon=True)
@@ -154,7 +157,8 @@ def test_a_job_signalled_like_at_its_time_limit_requeues_itself_and_resumes(
     proc = cli(params, "train", "phase1", env=slurm_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     job = _wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
     _wait_for("second step", lambda: len(read_metrics(work_dir(cfg, "phase1") / "metrics.jsonl")) >= 2, proc=proc)
-    slurm_cluster.run("scancel", "--signal=TERM", job)
+    with held_between_steps(spec_path(cfg, "phase1")):
+        slurm_cluster.run("scancel", "--signal=TERM", job)
     err = proc.communicate(timeout=900)[1]
     assert proc.returncode == 0, err[-3000:]
     assert f"[slurm] requeueing job {job}: it resumes from the checkpoint" in err
@@ -195,10 +199,12 @@ def test_terminating_the_dagster_run_cancels_the_job(tmp_path, train_data, slurm
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     job = _wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
     _wait_for("a logged step", lambda: read_metrics(work_dir(cfg, "phase1") / "metrics.jsonl"), proc=proc)
-    proc.send_signal(signal.SIGINT)
+    with held_between_steps(spec_path(cfg, "phase1")):  # the cancel's SIGTERM lands before the last step
+        proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode != 0, err[-3000:]
     assert _wait_for("cancelled job", lambda: slurm_cluster.job_state(job) == "CANCELLED", timeout=120)

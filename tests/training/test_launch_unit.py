@@ -216,3 +216,30 @@ def test_job_script_asks_sbatch_for_the_settings(tmp_path):
     no_requeue = load_config(params, {"train": {"phase2": {"launcher": "slurm", "slurm": {"requeue": False}}}})
     text = job_script(no_requeue, "phase2", tmp_path / "spec.json", tmp_path / "log")
     assert "#SBATCH --no-requeue" in text and "scontrol requeue" not in text
+
+
+def test_a_job_requeued_after_its_training_finished_does_not_train_again(tmp_path, monkeypatch, capsys):
+    """A preemption (or the time limit's signal) that comes after the last step requeues a job whose checkpoint is
+    complete: the requeued job finds its own job id in the checkpoint's run_stats and ends at once."""
+    from llava_core.training.launch import node_main, write_spec
+
+    params = write_params(tmp_path, base_params(tmp_path))
+    job = {"launcher": "slurm", "accelerate_config": str(ACCELERATE / "single_gpu.yaml"), "slurm": {"gpus_per_node": 1}}
+    cfg = load_config(params, {"train": {"phase1": job}})
+    out = cfg.checkpoint_dir("phase1")
+    out.mkdir(parents=True)
+    (out / "train_summary.json").write_text(json.dumps({"steps": 8}))
+    (out / "run_stats.json").write_text(json.dumps({"slurm_job_id": "42", "resumed_from_step": None}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["--config-json", str(write_spec(cfg, "phase1")), "--phase", "phase1", "--main-process-ip", "127.0.0.1"]
+    monkeypatch.setattr("signal.signal", lambda *a: None)  # node_main ignores SIGTERM: not in the test's process
+    for job, restarts, status in (("42", "1", 0), ("42", "0", 2), ("43", "1", 2)):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+        assert node_main(argv) == status, (job, restarts)
+        err = capsys.readouterr()
+        if status == 0:
+            assert "[slurm] phase1 finished before job 42 was requeued: nothing to train again" in err.out
+        else:  # it went on to launch: here the preflight refuses the GPU the job asks for
+            assert "error:" in err.err and "single_gpu.yaml" in err.err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
