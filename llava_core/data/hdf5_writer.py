@@ -138,7 +138,7 @@ class _Pool:
 def _writer_spec(cfg: PipelineConfig, phase: str):
     """The tokenizer and the numbers the writer needs (loads transformers: the parent process only)."""
     from llava_core.data.tokenizer import load_tokenizer
-    from llava_core.model.llava import vision_geometry
+    from llava_core.model.geometry import vision_geometry
 
     hc = cfg.hdf5[phase]
     tok_path = cfg.resolve_file(cfg.model.tokenizer)

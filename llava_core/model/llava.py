@@ -23,27 +23,12 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
-    PretrainedConfig,
 )
 
 from llava_core.artifacts import MODEL_CONFIG, WEIGHTS
 
 if TYPE_CHECKING:
     from llava_core.config import PipelineConfig
-
-
-def vision_config_of(cfg: PretrainedConfig) -> CLIPVisionConfig:
-    """A full CLIP config (as in openai/clip-vit-large-patch14-336) carries the vision part inside."""
-    return cfg.vision_config if hasattr(cfg, "vision_config") else cfg
-
-
-def vision_geometry(cfg: PipelineConfig) -> tuple[int, int]:
-    """(image_size, patch_size) of the configured vision tower, without building it."""
-    m = cfg.model
-    if m.vision_config is not None:
-        return int(m.vision_config["image_size"]), int(m.vision_config["patch_size"])
-    vc = vision_config_of(AutoConfig.from_pretrained(cfg.resolve_file(m.vision_pretrained)))
-    return int(vc.image_size), int(vc.patch_size)
 
 
 class LlavaModel(nn.Module):

@@ -21,7 +21,8 @@ from llava_core.artifacts import EXPORT_INFO, IMPORT_INFO, TRAIN_SUMMARY
 from llava_core.atomic import partial_dir, replace_dir, staged, write_json_atomic
 from llava_core.config import PipelineConfig
 from llava_core.data.prompts import check_style
-from llava_core.model.llava import LlavaModel, load_model, model_from_config_dict, save_model, vision_config_of
+from llava_core.model.geometry import vision_config_of
+from llava_core.model.llava import LlavaModel, load_model, model_from_config_dict, save_model
 from llava_core.model.weights import (
     ImportResult,
     clip_image_processor,

@@ -366,6 +366,26 @@ def test_example_rows_by_hand():
     assert full[2].tolist() == [0, 0, 7, 8, 2, 0]
 
 
+def test_a_task_packs_each_row_as_it_packs_that_row_alone():
+    """Rows of different lengths (one of exactly MSL tokens), with and without images, packed together in one
+    call: each block equals the block of that example packed alone (test_example_rows_by_hand)."""
+    from llava_core.data.hdf5_examples import pack_examples
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for k, size in enumerate((6, 9, 12, 7, 3)):
+        ids = [1, *rng.integers(3, 500, size - 2).tolist(), 2]
+        examples.append((ids, rng.integers(0, 2, size).tolist(), k % 2 == 0))
+    packed = pack_examples(examples, 12, 0, 1, 2)
+    assert packed.shape == (5, 4, 12) and packed.dtype == np.int32
+    for block, (ids, loss, has_image) in zip(packed, examples, strict=True):
+        alone = example_rows(ids, loss, msl=12, pad_id=0, image_start=1, num_patches=2, has_image=has_image)
+        assert block.tolist() == alone.tolist()
+        m = len(ids) - 1
+        assert block[0, :m].tolist() == ids[:-1] and block[2, :m].tolist() == ids[1:]
+        assert block[1, :m].tolist() == loss[1:] and block[3, m:].tolist() == [1] * (12 - m)
+
+
 def test_build_fails_loudly_without_input(tmp_path):
     params = base_params(tmp_path / "ws")
     cfg = load_config(write_params(tmp_path, params))
