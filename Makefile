@@ -52,10 +52,10 @@ $(STAMP): pyproject.toml requirements-$(ACCEL_BUILD).lock requirements-dvc.lock 
 demo: setup $(DAGSTER_HOME)/dagster.yaml  ## the whole pipeline on the embedded default (in Dagster), then the eval report
 	DAGSTER_HOME=$(DAGSTER_HOME) $(VPY) -m orchestration run
 
-test: setup  ## the test suite (unit + end-to-end on the tiny preset), without the `slow` ones (about 20 min)
+test: setup  ## the test suite (unit + end-to-end on the tiny preset, the SLURM cluster runs), without the `slow` ones
 	$(VENV)/bin/pytest -q -m "not slow"
 
-test-all: setup  ## everything, the SLURM cluster runs and the other transformers versions' environments too
+test-all: setup  ## everything: the full-size default pipeline's learning floors and the other transformers versions too
 	$(VENV)/bin/pytest -q
 
 test-fast: setup  ## unit tests only

@@ -65,6 +65,7 @@ def test_definitions_load_with_lineage_and_job():
         assert all(graph.get_check_spec(c).blocking for c in checks)
 
 
+@pytest.mark.slow  # about 7 min on 2 cores: `make demo` runs the same job; `make test-all` asserts its floors
 def test_materialize_default_pipeline_learns(tmp_path):
     params = e2e_params(tmp_path / "ws", small=False)
     from llava_core.params import load_config
