@@ -53,7 +53,9 @@ def run(stage: str, params: Path, key: str) -> dict:
     elif stage == "hdf5":
         from llava_core.data.hdf5_writer import build_hdf5
 
-        step = lambda: {"records": build_hdf5(cfg, key).processed}  # noqa: E731
+        def step() -> dict:
+            r = build_hdf5(cfg, key)
+            return {"records": r.processed, "steps": r.step_seconds}  # examples (tokenise, spool), shuffle
     elif stage == "validate":
         from llava_core.data.validate import validate_phase
 

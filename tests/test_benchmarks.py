@@ -191,8 +191,14 @@ def test_scale_benchmark_measures_every_stage_at_every_size_and_plots(tmp_path):
     for r in figures.values():
         if "peak memory" in r["figure"]:
             assert r["met"] == (r["ratio"] <= 1.5) and r["ours"] > 0
-    table = (tmp_path / "scale_quick.md").read_text().splitlines()
-    assert sum(line.startswith("| ") for line in table) == len(rows) + 1
+    text = (tmp_path / "scale_quick.md").read_text()
+    table, steps = text.split("The HDF5 writer's two steps")
+    assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1
+    for n in sizes:  # the writer's two steps, which add up to at most the stage's time
+        for phase in ("phase1", "phase2"):
+            split = measured[n]["stages"][f"hdf5 {phase}"]["steps"]
+            assert 0 < split["examples"] + split["shuffle"] <= rows[(f"hdf5 {phase}", n)]["seconds"]
+            assert f"| hdf5 {phase} | {n:,} | {split['examples']:,.1f} s (" in steps
     with Image.open(tmp_path / "scale_quick.png") as png:
         assert png.format == "PNG" and png.size == (1430, 550)
 

@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ class Hdf5Result:
     files: int = 0
     images_decoded: int = 0  # image files this run decoded
     images_cached: int = 0  # image checks answered by the image checks' cache (no decode)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # examples (check, tokenise, spool), shuffle
 
 
 def line_ranges(path: Path, records_per_task: int) -> list[tuple[int, int]]:
@@ -241,8 +243,10 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
     work.mkdir()
     with staged(out, tmp):  # a failed run leaves no temporary files (a killed one's: the next run removes them)
         with _Pool(spec, hc.num_workers) as pool:
+            t0 = time.perf_counter()
             tasks = _tasks(inputs, work, hc.num_workers)  # (the workers start meanwhile)
             total = _Totals(pool.tasks(tasks), inputs, tasks)
+            t1 = time.perf_counter()
             if len(total.image_starts) > 1:
                 raise AssertionError(
                     f"image slots start at several indices {sorted(total.image_starts)}; the model needs one"
@@ -253,6 +257,9 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
                 )
             pool.shards(shard_jobs(Layout.of(total.placements), cfg.seed, hc.shard_size, tmp, spec.msl))
             files = total.files(hc.shard_size)
+            steps = {"examples": t1 - t0, "shuffle": time.perf_counter() - t1}
+            log.info(f"{phase}: {total.processed:,} records checked, tokenised and spooled in {steps['examples']:.1f} s, "
+                     f"{total.examples:,} examples shuffled into {len(files)} file(s) in {steps['shuffle']:.1f} s")  # fmt: skip
         shutil.rmtree(work)
         params = _data_params(cfg, phase, spec, tok, (image_size, patch), total, files)
         write_json_atomic(tmp / DATA_PARAMS, params)
@@ -261,7 +268,7 @@ def build_hdf5(cfg: PipelineConfig, phase: str) -> Hdf5Result:
     discarded, notes = dict(total.discarded), dict(total.image_notes)
     cached = total.images_checked - total.images_decoded
     return Hdf5Result(phase, out, total.examples, total.processed, discarded, start, notes, len(files),
-                      total.images_decoded, cached)  # fmt: skip
+                      total.images_decoded, cached, steps)  # fmt: skip
 
 
 class _Totals:

@@ -83,7 +83,7 @@ def test_experiments_compare_and_a_queued_sweep_runs(baseline):
     deadline = time.monotonic() + 3600  # generous: a loaded machine is slow, never a failure by itself
     while "Queued" in (status := run(["dvc", "queue", "status"], repo, env)) or "Running" in status:
         assert time.monotonic() < deadline, status
-        time.sleep(5)
+        time.sleep(1)
     assert status.count("Success") == 2, status
     assert stages_run(run(["dvc", "queue", "logs", "answers-2"], repo, env)) == {"evaluate"}
     assert stages_run(run(["dvc", "queue", "logs", "epochs-2"], repo, env)) == {
