@@ -217,3 +217,14 @@ def test_scale_compare_puts_two_runs_side_by_side():
         "| hdf5 phase2 | 10,000 | 100 | 300 | 50 | 40 |",
         "| hdf5 phase2 | 100,000 | 200 | 600 | 100 | 80 |",
     ]
+
+
+def test_writer_profile_workload_runs_the_writer_and_reports_its_rate(capsys):
+    """`python -m benchmarks.writer_profile`: the pid line a profiler attaches to, then the runs' seconds and rate."""
+    from benchmarks import writer_profile
+
+    result = writer_profile.main(["--records", "64", "--runs", "2"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"pid {os.getpid()} READY"
+    assert json.loads(out[-1]) == result and result["seconds"] > 0
+    assert result["records_per_s"] == pytest.approx(2 * 64 / result["seconds"])
