@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT
+from tests.helpers_launch import interruptible
 from tests.orchestration.conftest import run
 
 pytestmark = pytest.mark.e2e
@@ -68,16 +69,18 @@ def graphql(base: str, query: str) -> dict:
 
 
 def wait_for(what: str, check, timeout_s: float, every_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
+    from selenium.common.exceptions import WebDriverException
+
+    deadline, last = time.monotonic() + timeout_s, None
     while True:
         try:
             value = check()
-        except OSError:  # the server is not answering yet
-            value = None
+        except (OSError, WebDriverException) as e:  # the server not answering yet; a page between two documents
+            value, last = None, e  # (no <body> for a moment) or re-rendering
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last error: {last!r}")
         time.sleep(every_s)
 
 
@@ -130,6 +133,7 @@ def dagster_dev(tmp_path_factory, demo_run):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: the webserver, the daemon, the code server, the runs
+        preexec_fn=interruptible,  # Ctrl-C at its default even when the suite runs in the background
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -195,7 +199,8 @@ def show_picture(browser, key: str, entry: str):
     """Open the picture of metadata entry `entry` ("[Show Markdown]": too long to show in the table); the dialog."""
     from selenium.webdriver.common.by import By
 
-    links = browser.find_elements(By.XPATH, "//*[normalize-space(text())='[Show Markdown]']")
+    find = lambda: browser.find_elements(By.XPATH, "//*[normalize-space(text())='[Show Markdown]']")  # noqa: E731
+    links = wait_for(f"{key}'s picture link", find, 30)
     assert len(links) == 1, f"{key}: one picture expected on the page, found {len(links)}"
     links[0].click()
     dialog = wait_for("the picture's dialog", lambda: browser.find_elements(By.CSS_SELECTOR, "[role=dialog]"), 30)[0]
@@ -225,8 +230,8 @@ def test_every_asset_page_shows_the_demos_materialisation(dagster_dev, browser, 
     save = os.environ.get("LLAVA_SAVE_DOCS_IMAGES") == "1"
     for key in ASSETS:
         open_events(browser, base, key, now[key]["run"])
-        text = body_text(browser)
-        assert now[key]["dagster/data_version"] in text and "made_by" in text, key  # the metadata is shown
+        version = now[key]["dagster/data_version"]  # the metadata is shown (the page may still be rendering it)
+        wait_for(f"{key}'s metadata", lambda v=version: v in (t := body_text(browser)) and "made_by" in t, 30)
         if key in PICTURES:
             dialog = show_picture(browser, key, PICTURES[key])
             img = dialog.find_element(By.TAG_NAME, "img")
