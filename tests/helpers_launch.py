@@ -109,13 +109,13 @@ def held_between_steps(spec: Path, timeout: float = 120) -> Iterator[None]:
     mid-training whatever the machine's load (a tiny phase may otherwise finish before a preemption reaches it).
     On leaving, wait until each has SIGTERM pending or was continued (SLURM sends SIGCONT before a kill's SIGTERM),
     then continue them: they read the SIGTERM at their next step."""
-    procs = _wait(lambda: training_processes(spec), "training processes", timeout)
+    procs = wait_for("training processes", lambda: training_processes(spec), timeout)
     for proc in procs:
         proc.suspend()
     try:
         yield
         for proc in procs:
-            _wait(lambda p=proc: _signalled(p), f"SIGTERM for training process {proc.pid}", timeout)
+            wait_for(f"SIGTERM for training process {proc.pid}", lambda p=proc: _signalled(p), timeout)
     finally:
         for proc in procs:
             try:
@@ -124,11 +124,13 @@ def held_between_steps(spec: Path, timeout: float = 120) -> Iterator[None]:
                 pass
 
 
-def _wait(check: Callable, what: str, timeout: float):
+def wait_for(what: str, check: Callable, timeout: float = 600, proc: subprocess.Popen | None = None):
+    """Poll `check` until it returns something true (returned); fail on the timeout or when `proc` ends first."""
     deadline = time.monotonic() + timeout
     while not (found := check()):
+        assert proc is None or proc.poll() is None, f"the process ended before {what}"
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.1)
+        time.sleep(0.2)
     return found
 
 

@@ -28,7 +28,7 @@ from llava_core.training.observe import read_metrics
 from llava_core.training.slurm import job_dir
 from orchestration.definitions import build_assets
 from orchestration.resources import PipelineSettings
-from tests.helpers_launch import STEPPED, cli, held_between_steps, interruptible, workspace
+from tests.helpers_launch import STEPPED, cli, held_between_steps, interruptible, wait_for, workspace
 from tests.helpers_unit import PROJECT
 
 pytestmark = pytest.mark.e2e
@@ -40,15 +40,6 @@ ON_SLURM = {"launcher": "slurm", "slurm": JOB}
 
 def _params(folder: Path, data: Path) -> Path:
     return workspace(folder, data, phase1={**STEPPED, **ON_SLURM}, phase2={"log_every": 1, **ON_SLURM})
-
-
-def _wait_for(what: str, check, timeout: float = 600, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert proc is None or proc.poll() is None, f"the process ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.2)
-    return found
 
 
 def _job_id(cfg, phase: str) -> str | None:
@@ -106,7 +97,7 @@ def test_dagster_runs_both_phases_on_slurm_and_a_preempted_job_resumes(tmp_path,
     metrics = work_dir(cfg, "phase1") / "metrics.jsonl"
 
     def preempt() -> None:  # once 3 steps are logged: a job that needs every CPU of the node
-        _wait_for("third step", lambda: len(read_metrics(metrics)) >= 3, timeout=900)
+        wait_for("third step", lambda: len(read_metrics(metrics)) >= 3, timeout=900)
         with held_between_steps(spec_path(cfg, "phase1")):
             urgent = ("sbatch", "-p", "urgent", "-c", str(os.cpu_count()), "-o", "/dev/null", "--wrap", "sleep 1")
             slurm_cluster.run(*urgent)
@@ -155,8 +146,8 @@ def test_a_job_signalled_like_at_its_time_limit_requeues_itself_and_resumes(
     the job script requeues the still-running job, which resumes; the CLI waits through it."""
     cfg = load_config(params := _params(tmp_path / "ws", train_data))
     proc = cli(params, "train", "phase1", env=slurm_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    job = _wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
-    _wait_for("second step", lambda: len(read_metrics(work_dir(cfg, "phase1") / "metrics.jsonl")) >= 2, proc=proc)
+    job = wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
+    wait_for("second step", lambda: len(read_metrics(work_dir(cfg, "phase1") / "metrics.jsonl")) >= 2, proc=proc)
     with held_between_steps(spec_path(cfg, "phase1")):
         slurm_cluster.run("scancel", "--signal=TERM", job)
     err = proc.communicate(timeout=900)[1]
@@ -175,12 +166,12 @@ def test_a_job_signalled_like_at_its_time_limit_requeues_itself_and_resumes(
 def test_ctrl_c_on_the_cli_cancels_its_job(tmp_path, train_data, slurm_cluster):
     cfg = load_config(params := _params(tmp_path / "ws", train_data))
     proc = cli(params, "train", "phase1", env=slurm_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    job = _wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
-    _wait_for("running job", lambda: slurm_cluster.job_state(job) == "RUNNING", proc=proc)
+    job = wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
+    wait_for("running job", lambda: slurm_cluster.job_state(job) == "RUNNING", proc=proc)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert _wait_for("cancelled job", lambda: slurm_cluster.job_state(job) in ("CANCELLED", None), timeout=120)
+    assert wait_for("cancelled job", lambda: slurm_cluster.job_state(job) in ("CANCELLED", None), timeout=120)
     assert job not in slurm_cluster.jobs() or slurm_cluster.job_state(job) == "CANCELLED"
 
 
@@ -201,13 +192,13 @@ def test_terminating_the_dagster_run_cancels_the_job(tmp_path, train_data, slurm
         text=True,
         preexec_fn=interruptible,
     )
-    job = _wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
-    _wait_for("a logged step", lambda: read_metrics(work_dir(cfg, "phase1") / "metrics.jsonl"), proc=proc)
+    job = wait_for("job", lambda: _job_id(cfg, "phase1"), proc=proc)
+    wait_for("a logged step", lambda: read_metrics(work_dir(cfg, "phase1") / "metrics.jsonl"), proc=proc)
     with held_between_steps(spec_path(cfg, "phase1")):  # the cancel's SIGTERM lands before the last step
         proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode != 0, err[-3000:]
-    assert _wait_for("cancelled job", lambda: slurm_cluster.job_state(job) == "CANCELLED", timeout=120)
+    assert wait_for("cancelled job", lambda: slurm_cluster.job_state(job) == "CANCELLED", timeout=120)
     time.sleep(3)  # a requeue would show as PENDING
     assert slurm_cluster.job_state(job) in ("CANCELLED", None) and job not in slurm_cluster.jobs()
     assert step_checkpoints(work_dir(cfg, "phase1"))  # the SIGTERM of the cancel saved a resume point
